@@ -1,0 +1,1 @@
+"""tool: see every network connection on this host, refuse the undeclared ones."""
