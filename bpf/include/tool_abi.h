@@ -161,7 +161,7 @@ struct tool_slot_cfg {
 	__u64 wildcard[5];   /* per subject dimension: who-classes with no condition on it */
 	__u32 generation;    /* reported in events */
 	__u8 default_action[2][TOOL_DIR_MAX]; /* [mode-1][direction-1], enum tool_action */
-	__u32 _pad0;
+	__u32 dims_used;     /* bit per enum tool_subject_dim that some who-class conditions on */
 };
 
 /* Subject dimensions, index of tool_slot_cfg.wildcard. */
