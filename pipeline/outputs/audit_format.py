@@ -1,0 +1,200 @@
+"""Line format of the audit log: ``<RFC3339 ms UTC> <TYPE> key=value ...``.
+
+Values are written bare when they consist only of safe characters, otherwise as a
+JSON string (double quotes, backslash escapes, non-ASCII as ``\\uXXXX``), so that a
+hostile process name can never forge a line or a field. See docs/audit-log.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable
+
+from pipeline.events import (
+    ConnectionEvent,
+    Endpoint,
+    EnforcementEvent,
+    LossEvent,
+    PolicyEvent,
+    ProcessEvent,
+)
+
+Field = tuple[str, object]
+
+_BARE = re.compile(r"[A-Za-z0-9._:/@+\-\[\]>,#~%]+\Z")
+_MAX_ARGS_CHARS = 1024
+UNKNOWN_RULE = "unknown/default"
+
+
+def rfc3339_ms(time_ns: int) -> str:
+    """Format nanoseconds since the epoch as RFC 3339 UTC with milliseconds.
+
+    Args:
+        time_ns: wall-clock time in ns since the epoch.
+
+    Returns:
+        For example ``2024-05-01T12:00:00.123Z``.
+    """
+    secs, rest = divmod(time_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1_000_000:03d}Z"
+
+
+def quote(value: object) -> str:
+    """Render one value: bare when safe, otherwise as a JSON string."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, list):
+        text = " ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    if _BARE.match(text):
+        return text
+    return json.dumps(text, ensure_ascii=True)
+
+
+def line(time_ns: int, kind: str, fields: Iterable[Field]) -> str:
+    """Build one audit line (with its newline); fields whose value is None are left out.
+
+    Args:
+        time_ns: time for the fixed prefix.
+        kind: the line type (``CONN``, ``GAP``, ...).
+        fields: ``(key, value)`` pairs, in order.
+
+    Returns:
+        The line, ending in ``\\n``.
+    """
+    parts = [rfc3339_ms(time_ns), kind]
+    parts.extend(f"{key}={quote(value)}" for key, value in fields if value is not None)
+    return " ".join(parts) + "\n"
+
+
+def endpoint(ep: Endpoint) -> str:
+    """``addr:port``, with IPv6 addresses in brackets."""
+    if ":" in ep.address:
+        return f"[{ep.address}]:{ep.port}"
+    return f"{ep.address}:{ep.port}"
+
+
+def rule_label(event: ConnectionEvent) -> str:
+    """The rule's name, or ``unknown/default`` when the default decided."""
+    if event.rule.name:
+        return event.rule.name
+    if not event.known or event.rule.id == 0:
+        return UNKNOWN_RULE
+    return f"#{event.rule.id}"
+
+
+def _args(cmdline: list[str]) -> str | None:
+    if not cmdline:
+        return None
+    text = " ".join(cmdline)
+    if len(text) > _MAX_ARGS_CHARS:
+        text = text[:_MAX_ARGS_CHARS] + "..."
+    return text
+
+
+def connection_line(event: ConnectionEvent) -> str:
+    """The ``CONN`` line of one decision."""
+    proc = event.process
+    flow = f"{endpoint(event.local)}->{endpoint(event.remote)}/{event.protocol}"
+    fields: list[Field] = [
+        ("verdict", event.verdict),
+        ("direction", event.direction),
+        ("comm", proc.comm or None),
+        ("pid", proc.pid),
+        ("exe", proc.exe),
+        ("user", proc.user),
+        ("uid", proc.uid),
+        ("flow", flow),
+        ("remote_name", event.remote.name),
+        ("local_name", event.local.name),
+        ("rule", rule_label(event)),
+        ("rule_id", event.rule.id),
+        ("policy", event.rule.policy),
+        ("mode", event.mode),
+        ("known", event.known),
+        ("kind", event.kind),
+        ("ppid", proc.ppid or None),
+        ("args", _args(proc.cmdline)),
+        ("cgroup", event.cgroup.path),
+        ("unit", event.cgroup.systemd_unit),
+        ("container", event.cgroup.container_id),
+        ("repeat", event.repeat or None),
+        ("anomaly", event.anomaly.score if event.anomaly else None),
+        ("host", event.host),
+        ("cpu", event.cpu),
+        ("seq", event.seq),
+        ("id", event.id),
+    ]
+    return line(event.time_ns, "CONN", fields)
+
+
+def process_line(event: ProcessEvent) -> str:
+    """The ``EXEC``/``EXIT`` line of a process event."""
+    proc = event.process
+    fields: list[Field] = [
+        ("comm", proc.comm or None),
+        ("pid", proc.pid),
+        ("ppid", proc.ppid),
+        ("exe", proc.exe),
+        ("user", proc.user),
+        ("uid", proc.uid),
+        ("args", _args(proc.cmdline)),
+        ("exit_code", event.exit_code),
+        ("cgroup", event.cgroup.path),
+        ("container", event.cgroup.container_id),
+        ("host", event.host),
+        ("cpu", event.cpu),
+        ("seq", event.seq),
+        ("id", event.id),
+    ]
+    return line(event.time_ns, event.kind.upper(), fields)
+
+
+def loss_line(event: LossEvent) -> str:
+    """The ``LOSS`` line: the agent's own account of what it did not deliver."""
+    fields: list[Field] = [
+        ("lost", event.ring_buffer_full_delta),
+        ("lost_total", event.ring_buffer_full),
+        ("reason", "ring_buffer_full"),
+        ("sequence_gaps", event.sequence_gaps_delta),
+        ("sequence_gaps_total", event.sequence_gaps),
+        ("folded", event.folded_delta),
+        ("folded_total", event.folded),
+        ("decode_errors_total", event.decode_errors),
+        ("host", event.host),
+        ("id", event.id),
+    ]
+    return line(event.time_ns, "LOSS", fields)
+
+
+def policy_line(event: PolicyEvent) -> str:
+    """The ``POLICY`` line of a policy load or rejection."""
+    fields: list[Field] = [
+        ("outcome", event.kind),
+        ("generation", event.generation),
+        ("rules", event.rules),
+        ("sources", ",".join(event.sources) or None),
+        ("duration_ms", f"{event.duration_ms:.3f}"),
+        ("errors", "; ".join(event.errors) or None),
+        ("host", event.host),
+        ("id", event.id),
+    ]
+    return line(event.time_ns, "POLICY", fields)
+
+
+def enforcement_line(event: EnforcementEvent) -> str:
+    """The ``ENFORCE`` line of an enforcement action."""
+    fields: list[Field] = [
+        ("action", event.action),
+        ("reason", event.reason),
+        ("exe", event.exe),
+        ("remote", endpoint(event.remote) if event.remote else None),
+        ("remote_name", event.remote.name if event.remote else None),
+        ("trigger", event.trigger_event),
+        ("host", event.host),
+        ("id", event.id),
+    ]
+    return line(event.time_ns, "ENFORCE", fields)
