@@ -97,7 +97,7 @@ struct tool_event_header {
 	__u32 abi;     /* TOOL_ABI_VERSION */
 };
 
-/* Who did it (48 bytes). */
+/* Who did it (56 bytes). */
 struct tool_task {
 	__u32 pid;     /* thread id */
 	__u32 tgid;    /* process id */
@@ -110,7 +110,7 @@ struct tool_task {
 	char comm[TOOL_COMM_LEN];
 };
 
-/* A connection-level decision (TOOL_EV_CONNECT .. TOOL_EV_SOCKET), 152 bytes. */
+/* A connection-level decision (TOOL_EV_CONNECT .. TOOL_EV_SOCKET), 160 bytes. */
 struct tool_conn_event {
 	struct tool_event_header hdr;
 	struct tool_task task;

@@ -62,8 +62,12 @@ def who_matches(cls: WhoClass, flow: Flow) -> bool:
     if cls.gid is not None and (flow.gid is None or flow.gid not in cls.gid):
         return False
     if cls.cgroup is not None:
-        path = (flow.cgroup or "").lstrip("/")
-        if flow.cgroup is None or not any(glob_match(p, path) for p in cls.cgroup):
+        # A cgroup selector covers that cgroup and every cgroup below it (as the kernel
+        # checks the process's cgroup and each of its ancestors).
+        path = (flow.cgroup or "").strip("/")
+        parts = path.split("/") if path else []
+        candidates = ["/".join(parts[:i]) for i in range(len(parts), -1, -1)]
+        if flow.cgroup is None or not any(glob_match(p.strip("/"), c) for p in cls.cgroup for c in candidates):
             return False
     return True
 
