@@ -2,13 +2,14 @@
 
 Every message is one of the tagged structs below, encoded as JSON. The tag
 field is ``type``. The JSON Schema in docs/ is generated from these types
-(``tool-pipeline schema events``), so this module is the single source of
+(``tool-pipeline schema events``, ``python -m pipeline.bus.schema``), so this module is the single source of
 truth for consumers. Fields are only ever added (with defaults), never
 renamed or removed, within one ``version``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Union
 
 import msgspec
@@ -172,6 +173,7 @@ Event = Union[ConnectionEvent, ProcessEvent, LossEvent, PolicyEvent, Enforcement
 SUBJECT_ROOT = "tool.events"
 
 
+@functools.lru_cache(maxsize=4096)
 def host_token(host: str) -> str:
     """Make a host name usable as one NATS subject token."""
     cleaned = "".join(c if (c.isalnum() or c in "-_") else "_" for c in host)

@@ -1,0 +1,1 @@
+"""Tests of the NATS bus (pipeline.bus)."""

@@ -1,0 +1,190 @@
+"""The publisher and the events stream: order, exact counts, catch-up and reconnects."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import msgspec
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from pipeline.bus.barrier import server_barrier
+from pipeline.bus.publish import Publisher
+from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
+from pipeline.bus.stream import ensure_stream
+from pipeline.events import ConnectionEvent, Event, decoder, subject_for
+
+from .bus_testkit import connection_event, events
+
+pytestmark = pytest.mark.anyio
+
+
+async def _publish_all(nc: NATS, batch: list[Event], **options: object) -> Publisher:
+    send, receive = anyio.create_memory_object_stream[Event](64)
+    publisher = Publisher(nc, receive, **options)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(publisher.run)
+        async with send:
+            for event in batch:
+                await send.send(event)
+    return publisher
+
+
+async def _stream_messages(nc: NATS) -> int:
+    info = await nc.jetstream().stream_info(EVENTS_STREAM)
+    return info.state.messages
+
+
+async def test_delivers_every_event_in_order_with_exact_counts(agent_nc: NATS, consumer_nc: NATS) -> None:
+    """N events arrive once each, in order, on their subjects; counters say N."""
+    n = 5000
+    sub = await consumer_nc.subscribe("tool.events.>", pending_msgs_limit=n * 2)
+    await server_barrier(consumer_nc)
+    batch = events(n)
+    publisher = await _publish_all(agent_nc, batch)
+
+    counters = publisher.counters()
+    assert counters.received == n
+    assert counters.confirmed == n
+    assert counters.publish_failures == 0
+    assert counters.undeliverable == 0
+    received: list[ConnectionEvent] = []
+    with anyio.fail_after(10):
+        for _ in range(n):
+            msg = await sub.next_msg(timeout=10)
+            event = decoder.decode(msg.data)
+            assert isinstance(event, ConnectionEvent)
+            assert msg.subject == subject_for(event)
+            received.append(event)
+    assert [e.seq for e in received] == list(range(1, n + 1))
+    assert received == batch
+    assert await _stream_messages(agent_nc) == n
+
+
+async def test_late_consumer_catches_up_from_the_stream(agent_nc: NATS, consumer_nc: NATS) -> None:
+    """A consumer that subscribes after the events were published still gets all of them."""
+    n = 200
+    await _publish_all(agent_nc, events(n))
+    js = consumer_nc.jetstream()
+    psub = await js.pull_subscribe(
+        "tool.events.>",
+        stream=EVENTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT),
+    )
+    seqs: list[int] = []
+    with anyio.fail_after(10):
+        while len(seqs) < n:
+            for msg in await psub.fetch(100, timeout=5):
+                event = decoder.decode(msg.data)
+                assert isinstance(event, ConnectionEvent)
+                seqs.append(event.seq)
+                await msg.ack()
+    assert seqs == list(range(1, n + 1))
+
+
+async def test_durable_consumer_resumes_where_it_stopped(agent_nc: NATS, consumer_nc: NATS) -> None:
+    """A durable consumer that was away gets exactly the events it missed."""
+    js = consumer_nc.jetstream()
+    config = ConsumerConfig(durable_name="audit", ack_policy=AckPolicy.EXPLICIT)
+    psub = await js.pull_subscribe("tool.events.>", durable="audit", stream=EVENTS_STREAM, config=config)
+    await _publish_all(agent_nc, events(10))
+    with anyio.fail_after(10):
+        first = await psub.fetch(10, timeout=5)
+    for msg in first:
+        await msg.ack_sync()
+    await psub.unsubscribe()
+
+    await _publish_all(agent_nc, [connection_event(seq=s) for s in range(11, 16)])
+    again = await js.pull_subscribe("tool.events.>", durable="audit", stream=EVENTS_STREAM)
+    with anyio.fail_after(10):
+        missed = await again.fetch(5, timeout=5)
+    seqs = [msgspec.json.decode(m.data)["seq"] for m in missed]
+    assert seqs == [11, 12, 13, 14, 15]
+
+
+async def test_ensure_stream_is_idempotent_and_updates(agent_nc: NATS) -> None:
+    """Calling ensure_stream again with new limits updates the existing stream."""
+    js = agent_nc.jetstream()
+    info = await ensure_stream(js, max_age_s=3600, max_bytes=1 << 20)
+    assert info.config.max_age == 3600
+    assert info.config.max_bytes == 1 << 20
+    assert info.config.subjects == ["tool.events.>"]
+
+
+async def test_nothing_lost_across_a_server_restart(tmp_path: Path) -> None:
+    """Events sent while the server is down are retried and stored exactly once (msg id dedupe)."""
+    state = tmp_path / "state"
+    server = EmbeddedNats(state, port=0)
+    await server.start()
+    port = int(server.url.rsplit(":", 1)[1])
+    disconnected = anyio.Event()
+    reconnected = anyio.Event()
+
+    async def on_disconnect() -> None:
+        disconnected.set()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = await nats.connect(
+        server.credentials["agent"].url_with_auth(),
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+    try:
+        await ensure_stream(nc.jetstream())
+        send, receive = anyio.create_memory_object_stream[Event](16)
+        publisher = Publisher(nc, receive, msg_id_header=True, flush_timeout_s=1, backoff_s=(0.05, 0.5))
+        n_before, n_during, n_after = 100, 50, 100
+        batch = events(n_before + n_during + n_after)
+        async with anyio.create_task_group() as tg:
+            await tg.start(publisher.run)
+            async with send:
+                for event in batch[:n_before]:
+                    await send.send(event)
+                with anyio.fail_after(10):
+                    while publisher.counters().confirmed < n_before:
+                        await anyio.sleep(0.01)  # condition polled with a deadline
+                await server.stop()
+                with anyio.fail_after(10):
+                    await disconnected.wait()
+                for event in batch[n_before : n_before + n_during]:
+                    await send.send(event)
+                server = EmbeddedNats(state, port=port)
+                await server.start()
+                with anyio.fail_after(20):
+                    await reconnected.wait()
+                for event in batch[n_before + n_during :]:
+                    await send.send(event)
+        counters = publisher.counters()
+        assert counters.confirmed == len(batch)
+        js = nc.jetstream()
+        assert (await js.stream_info(EVENTS_STREAM)).state.messages == len(batch)
+        psub = await js.pull_subscribe("tool.events.>", stream=EVENTS_STREAM)
+        seqs: list[int] = []
+        with anyio.fail_after(10):
+            while len(seqs) < len(batch):
+                for msg in await psub.fetch(100, timeout=5):
+                    seqs.append(msgspec.json.decode(msg.data)["seq"])
+                    await msg.ack()
+        assert seqs == list(range(1, len(batch) + 1))
+    finally:
+        await nc.close()
+        await server.stop()
+
+
+async def test_publish_rate(agent_nc: NATS) -> None:
+    """Measures throughput to a local server (printed; benchmarks/bench_publish.py is the benchmark)."""
+    n = 20_000
+    batch = events(n)
+    started = time.perf_counter()
+    publisher = await _publish_all(agent_nc, batch)
+    elapsed = time.perf_counter() - started
+    assert publisher.counters().confirmed == n
+    print(f"published {n} events in {elapsed:.3f}s: {n / elapsed:,.0f} events/s")
