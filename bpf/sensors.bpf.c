@@ -343,11 +343,85 @@ struct decision {
 	__u8 unknown;
 };
 
+/* Per-CPU scratch space: the rule walk is a global function (verified once for
+ * the whole object rather than once per program), and global functions take
+ * only scalars, so the address and the subject's classes travel through here. */
+struct walk_scratch {
+	__u8 addr[16];
+	__u64 who;
+	__u32 slot;
+	__u32 _pad0;
+};
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct walk_scratch);
+} scratch SEC(".maps");
+
+#define WALK_RESULT(action, id) (((__u64)(action) << 32) | (__u32)(id))
+
+/* The best rule of one node: highest action, then lowest rule id (file order). */
+__noinline __u64 tool_node_scan(__u32 first, __u32 count, __u64 who, __u32 port)
+{
+	__u32 best = TOOL_ACT_NONE, best_id = 0;
+
+	for (__u32 i = 0; i < TOOL_MAX_NODE_RULES; i++) {
+		if (i >= count)
+			break;
+		__u32 idx = first + i;
+		struct tool_rule *r = bpf_map_lookup_elem(&rules, &idx);
+		if (!r)
+			break;
+		if (!(r->who & who) || port < r->port_lo || port > r->port_hi)
+			continue;
+		if (r->action > best || (r->action == best && r->rule_id < best_id)) {
+			best = r->action;
+			best_id = r->rule_id;
+		}
+	}
+	return WALK_RESULT(best, best_id);
+}
+
 /*
- * Walk the LPM nodes that contain addr, from the most specific outwards, and
- * keep the highest action among the rules that match (ties: lowest rule id,
- * which is file order). An enforced deny ends the walk.
+ * Walk the LPM nodes that contain the scratch address, from the most specific
+ * outwards, keeping the best rule; an enforced deny ends the walk.
  */
+__noinline __u64 tool_rule_walk(__u32 direction, __u32 protocol, __u32 port)
+{
+	__u32 zero = 0;
+	struct walk_scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+	if (!sc)
+		return 0;
+	struct tool_lpm_key key = {
+		.prefixlen = TOOL_LPM_KEY_BITS + 128,
+		.slot = sc->slot,
+		.direction = direction,
+		.protocol = protocol,
+	};
+	__builtin_memcpy(key.addr, sc->addr, 16);
+	__u64 who = sc->who;
+	__u32 best = TOOL_ACT_NONE, best_id = 0;
+
+	for (int n = 0; n < TOOL_MAX_NESTING; n++) {
+		struct tool_lpm_value *node = bpf_map_lookup_elem(&rule_nodes, &key);
+		if (!node)
+			break;
+		__u32 parent = node->parent_len;
+		__u64 r = tool_node_scan(node->first, node->count, who, port);
+		__u32 a = r >> 32, id = (__u32)r;
+		if (a > best || (a == best && a != TOOL_ACT_NONE && id < best_id)) {
+			best = a;
+			best_id = id;
+		}
+		if (best == TOOL_ACT_DENY || !parent)
+			break;
+		key.prefixlen = parent;
+	}
+	return WALK_RESULT(best, best_id);
+}
+
+/* Decide a flow: the walk, then the default for (mode, direction), then the verdict. */
 static __always_inline void decide(struct decision *d, struct subject *s, __u8 direction, __u8 protocol,
 				   const __u8 addr[16], __u16 port, struct __sk_buff *skb)
 {
@@ -361,40 +435,17 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
 
 	struct tool_slot_cfg *cfg = bpf_map_lookup_elem(&slot_cfg, &slot);
 	if (cfg && cfg->generation) {
-		__u64 who = who_mask(slot, cfg, s, skb);
-		struct tool_lpm_key key = {
-			.prefixlen = TOOL_LPM_KEY_BITS + 128,
-			.slot = slot,
-			.direction = direction,
-			.protocol = protocol,
-		};
-		__builtin_memcpy(key.addr, addr, 16);
-		d->generation = cfg->generation;
-
-		for (int n = 0; n < TOOL_MAX_NESTING; n++) {
-			struct tool_lpm_value *node = bpf_map_lookup_elem(&rule_nodes, &key);
-			if (!node)
-				break;
-			__u32 first = node->first;
-			__u32 cnt = node->count;
-			for (__u32 i = 0; i < TOOL_MAX_NODE_RULES; i++) {
-				if (i >= cnt)
-					break;
-				__u32 idx = first + i;
-				struct tool_rule *r = bpf_map_lookup_elem(&rules, &idx);
-				if (!r)
-					break;
-				if (!(r->who & who) || port < r->port_lo || port > r->port_hi)
-					continue;
-				if (r->action > best || (r->action == best && r->rule_id < best_id)) {
-					best = r->action;
-					best_id = r->rule_id;
-				}
-			}
-			if (best == TOOL_ACT_DENY || !node->parent_len)
-				break;
-			key.prefixlen = node->parent_len;
+		__u32 zero = 0;
+		struct walk_scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
+		if (sc) {
+			sc->who = who_mask(slot, cfg, s, skb);
+			sc->slot = slot;
+			__builtin_memcpy(sc->addr, addr, 16);
+			__u64 r = tool_rule_walk(direction, protocol, port);
+			best = r >> 32;
+			best_id = (__u32)r;
 		}
+		d->generation = cfg->generation;
 	}
 
 	d->unknown = best == TOOL_ACT_NONE;
