@@ -47,11 +47,30 @@ class ProcessTable:
     live: dict[int, ProcInfo] = field(default_factory=dict)  # tgid -> current exec
     exited: OrderedDict[tuple[int, int], ProcInfo] = field(default_factory=OrderedDict)
 
-    def on_exec(self, tgid: int, exec_id: int, ppid: int, filename: str, args: list[str], comm: str) -> None:
-        """Record what the kernel saw at exec (a relative filename is completed from /proc when possible)."""
+    def on_exec(
+        self, tgid: int, exec_id: int, ppid: int, filename: str, args: list[str], comm: str, exe_ino: int = 0
+    ) -> None:
+        """Record what the kernel saw at exec.
+
+        The path given to execve may be relative or a symlink: while the process
+        still runs the same file (same inode), /proc gives its resolved path.
+        """
         exe = filename
-        if not filename.startswith("/"):
-            exe = self._read_exe(tgid) or filename
+        resolved = self._read_exe(tgid)
+        if resolved is not None:
+            try:
+                same = exe_ino == 0 or os.stat(f"{self.proc}/{tgid}/exe").st_ino == exe_ino
+            except OSError:
+                same = False
+            if same:
+                exe = resolved
+        elif filename.startswith("/") and exe_ino:
+            # Already gone: resolve the path it gave, if that is still the same file.
+            try:
+                if os.stat(filename).st_ino == exe_ino:
+                    exe = os.path.realpath(filename)
+            except OSError:
+                pass
         old = self.live.get(tgid)
         if old is not None and old.exec_id != exec_id:
             self._retire(old)

@@ -114,7 +114,7 @@ class ProcessEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="process
     kind: Literal["exec", "exit"]
     process: Process
     cgroup: Cgroup
-    exit_code: int | None = None
+    exit_code: int | None = None  # exit: the exit code, or minus the signal that ended the process
     cpu: int = 0
     seq: int = 0
     version: int = EVENT_VERSION

@@ -187,7 +187,7 @@ class Enricher:
         if isinstance(rec, dec.ExecRecord):
             t = rec.task
             if rec.kind == abi.EV_EXEC:
-                self.table.on_exec(t.tgid, t.exec_id, t.ppid, rec.filename, rec.args, t.comm)
+                self.table.on_exec(t.tgid, t.exec_id, t.ppid, rec.filename, rec.args, t.comm, rec.exe_ino)
                 for key in [k for k in self._procs if k[0] == t.tgid]:
                     del self._procs[key]
             proc = self.process(t)
@@ -305,10 +305,16 @@ class EventBuilder:
             kind="exec" if rec.kind == abi.EV_EXEC else "exit",
             process=item.process,
             cgroup=item.cgroup,  # type: ignore[arg-type]
-            exit_code=rec.exit_code if rec.kind == abi.EV_EXIT else None,
+            exit_code=exit_code_of(rec.exit_code) if rec.kind == abi.EV_EXIT else None,
             cpu=rec.cpu,
             seq=rec.seq,
         )
+
+
+def exit_code_of(status: int) -> int:
+    """A kernel wait status as a shell would say it: the exit code, or minus the signal that ended it."""
+    signal = status & 0x7F
+    return -signal if signal else (status >> 8) & 0xFF
 
 
 def destination_key(rec: dec.ConnRecord) -> str:

@@ -352,7 +352,10 @@ class AuditSubscriber:
 
     def _server(self) -> list[fmt.Field]:
         url = self._nc.connected_url
-        return [("server", url.geturl() if url is not None else None)]
+        if url is None:
+            return [("server", None)]
+        # Never write credentials into the log: scheme://host:port only.
+        return [("server", f"{url.scheme}://{url.hostname}:{url.port}")]
 
     async def _on_msg(self, msg: Msg) -> None:
         try:

@@ -8,7 +8,6 @@ listeners on it, and the program passes :meth:`NatsConnectionEvents.connect_opti
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -110,7 +109,7 @@ async def confirm_subscriptions(nc: NATS, timeout: float = 10.0) -> None:
     async def on_msg(_msg: Msg) -> None:
         arrived.set()
 
-    subject = f"_TOOL_BARRIER.{uuid.uuid4().hex}"
+    subject = nc.new_inbox()  # _INBOX.>: a subject every client may use for replies
     sub = await nc.subscribe(subject, cb=on_msg, max_msgs=1)
     try:
         await nc.publish(subject, b"")
