@@ -1,0 +1,71 @@
+"""Configuration layers and their error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_zero_configuration_is_detect_mode_with_embedded_nats(tmp_path: Path) -> None:
+    c = load_config(None, environ={})
+    assert c.mode == "detect" and c.nats is None and c.policy == [] and c.cgroup is None
+
+
+def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("mode: prevent\nstate_dir: /srv/file\nnats_port: 4000\n")
+    env = {"TOOL_STATE_DIR": "/srv/env", "TOOL_NATS_PORT": "5000"}
+    c = load_config(str(cfg), environ=env, overrides={"nats_port": 6000, "mode": None})
+    assert c.mode == "prevent"  # file (flag given as None is ignored)
+    assert c.state_dir == "/srv/env"  # environment over file
+    assert c.nats_port == 6000  # flag over environment
+
+
+def test_policy_list_from_environment_is_colon_separated() -> None:
+    c = load_config(None, environ={"TOOL_POLICY": "/etc/a.yaml:/etc/b.d"})
+    assert c.policy == ["/etc/a.yaml", "/etc/b.d"]
+
+
+def test_unknown_key_in_file_names_line_column_and_choices(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("mode: detect\n\nringbuf: 4096\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg), environ={})
+    msg = str(e.value)
+    assert msg.startswith(f"{cfg}:3:1:")
+    assert "ringbuf" in msg and "ringbuf_bytes" in msg
+
+
+def test_wrong_type_in_nested_section_points_at_the_value(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("anomaly:\n  threshold: high\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg), environ={})
+    assert str(e.value).startswith(f"{cfg}:2:14:")
+
+
+def test_bad_mode_flag_and_bad_environment_number_are_refused() -> None:
+    with pytest.raises(ConfigError, match="command line"):
+        load_config(None, environ={}, overrides={"mode": "block"})
+    with pytest.raises(ConfigError, match="TOOL_NATS_PORT"):
+        load_config(None, environ={"TOOL_NATS_PORT": "abc"})
+
+
+def test_semantic_limits(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ringbuf_bytes: 5000\n")
+    with pytest.raises(ConfigError, match="power of two"):
+        load_config(str(cfg), environ={})
+    cfg.write_text("anomaly: {threshold: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+        load_config(str(cfg), environ={})
+
+
+def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mode: [detect\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:\d+:\d+: invalid YAML"):
+        load_config(str(cfg), environ={})
