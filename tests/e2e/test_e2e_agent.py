@@ -410,3 +410,50 @@ def test_ring_buffer_overrun_is_reported_and_adds_up(tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+
+
+def test_policy_file_change_is_applied_without_signal(agent: RunningAgent) -> None:
+    """Editing the policy file swaps the new policy into the kernel: the next decision uses it."""
+    collector = Collector()
+
+    def act() -> None:
+        agent.policy.write_text(POLICY.replace("ports: [9]", "ports: [9, 13]"))
+
+    anyio.run(lambda: _collect(agent.consumer_url(), collector,
+                               lambda c: bool(c.matching(type="policy", kind="loaded")), action=act))
+    loaded = collector.matching(type="policy", kind="loaded")[-1]
+    assert loaded["generation"] >= 2
+    collector2 = Collector()
+    anyio.run(lambda: _collect(agent.consumer_url(), collector2,
+                               lambda c: bool(c.matching(type="connection", remote__port=13)),
+                               action=lambda: agent.run_in_cgroup(CLIENT + "tcp(13)\n")))
+    ev = collector2.matching(type="connection", remote__port=13)[0]
+    assert ev["rule"]["name"] == "no-discard" and ev["verdict"] == "would-block"
+
+
+def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
+    """tool.api.status, tool.api.policy and tool.api.policy.validate answer a consumer; bad input gets an error."""
+    async def ask() -> tuple[dict[str, Any], ...]:
+        nc = await nats.connect(agent.consumer_url())
+        try:
+            replies = []
+            for subject, body in (
+                ("tool.api.status", b""),
+                ("tool.api.policy", b""),
+                ("tool.api.policy.validate", POLICY.encode()),
+                ("tool.api.policy.validate", POLICY.replace("egress", "egres").encode()),
+                ("tool.api.mode", b"block-everything"),
+            ):
+                msg = await nc.request(subject, body, timeout=10)
+                replies.append(json.loads(msg.data))
+            return tuple(replies)
+        finally:
+            await nc.close()
+
+    status, policy, good, bad, wrong_mode = anyio.run(ask)
+    assert status["mode"] == "detect" and "tool_connect4" in status["programs_attached"]
+    assert [r["name"] for r in policy["rules"]] == ["loopback-web", "no-discard"]
+    assert good["valid"] is True and good["rules"] == 2
+    assert bad["valid"] is False
+    assert any("egres" in e["message"] and e["line"] > 0 for e in bad["errors"])
+    assert "error" in wrong_mode and "detect" in wrong_mode["error"]
