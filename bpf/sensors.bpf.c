@@ -45,6 +45,13 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 const volatile __u64 scope_cgroup_id = 0; /* tracepoints act only below this cgroup (0: whole host) */
 const volatile __u32 scope_cgroup_level = 0;
 
+/* BTF anchors: ring-buffer records are written through bpf_ringbuf_reserve()
+ * pointers, which leave no type in the object's BTF. These unused read-only
+ * globals keep the record layouts there, so tests/test_abi.py can check
+ * loaders/abi.py against them. */
+const volatile struct tool_conn_event tool_abi_conn_event = {};
+const volatile struct tool_exec_event tool_abi_exec_event = {};
+
 /* ---- maps ---- */
 
 struct {
@@ -385,7 +392,9 @@ __noinline __u64 tool_node_scan(__u32 first, __u32 count, __u64 who, __u32 port)
 
 /*
  * Walk the LPM nodes that contain the scratch address, from the most specific
- * outwards, keeping the best rule; an enforced deny ends the walk.
+ * outwards, keeping the best rule. The walk never stops early on a deny: an
+ * enclosing node may hold a deny with a lower rule id, and ties go to the lowest
+ * id (docs/policy.md), so every enclosing node must be scanned.
  */
 __noinline __u64 tool_rule_walk(__u32 direction, __u32 protocol, __u32 port)
 {
@@ -414,7 +423,7 @@ __noinline __u64 tool_rule_walk(__u32 direction, __u32 protocol, __u32 port)
 			best = a;
 			best_id = id;
 		}
-		if (best == TOOL_ACT_DENY || !parent)
+		if (!parent)
 			break;
 		key.prefixlen = parent;
 	}

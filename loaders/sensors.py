@@ -231,7 +231,12 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
         node = groups.get(key)
         if node is None:
             node = groups[key] = Node(direction, int(e.protocol), e.network)
-        node.rules.append((1 << e.who_class, e.port_lo, e.port_hi, abi.ACTIONS[e.action], e.rule_id))
+        lo, hi = e.port_lo, e.port_hi
+        if direction == abi.DIR_RAW:
+            # A raw rule has no port or protocol (docs/policy.md): the kernel passes the socket's
+            # protocol as the port (an ethertype for AF_PACKET, up to 65535), so cover all of it.
+            lo, hi = 0, 0xFFFF
+        node.rules.append((1 << e.who_class, lo, hi, abi.ACTIONS[e.action], e.rule_id))
     for node in groups.values():
         node.rules.sort(key=lambda r: r[4])
         if len(node.rules) > abi.MAX_NODE_RULES:
