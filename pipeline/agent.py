@@ -46,8 +46,8 @@ from pipeline.stages import (
 
 log = structlog.get_logger("tool.agent")
 
-STREAM_BUFFER = 64  # batches between stages
-EVENT_BUFFER = 8192  # events into the publisher
+STREAM_BUFFER = 4  # batches (of at most stages.MAX_BATCH records) between stages
+EVENT_BUFFER = 8  # events or batches of events into the publisher
 
 
 def boot_offset_ns() -> int:
@@ -164,7 +164,7 @@ class Agent:
             dec_send, dec_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
             enr_send, enr_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
             mat_send, mat_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
-            ev_send, ev_recv = anyio.create_memory_object_stream[Event](EVENT_BUFFER)
+            ev_send, ev_recv = anyio.create_memory_object_stream[Event | list[Event]](EVENT_BUFFER)
             self._send_event = ev_send.clone()
             self.publisher = Publisher(nc, ev_recv)
 

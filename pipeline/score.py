@@ -101,8 +101,7 @@ class Baseline:
         profile = self.profiles.get(exe)
         if profile is None:
             if len(self.profiles) >= self.max_profiles:
-                oldest = min(self.profiles, key=lambda k: self.profiles[k].first_seen)
-                del self.profiles[oldest]
+                del self.profiles[next(iter(self.profiles))]  # dicts keep insertion order: the oldest
             profile = self.profiles[exe] = _Profile(first_seen=now, destinations={})
         dest = profile.destinations.get(destination)
         learning = profile.observations < self.warmup
@@ -117,14 +116,16 @@ class Baseline:
                     f"to {len(profile.destinations)} known destinations"
                 ]
             if len(profile.destinations) >= self.max_destinations:
-                stale = min(profile.destinations, key=lambda k: profile.destinations[k].last_seen)
-                del profile.destinations[stale]
+                # Least recently seen first: every hit moves its destination to the end.
+                del profile.destinations[next(iter(profile.destinations))]
             profile.destinations[destination] = _Destination(1, now, now)
         else:
             score = round(1.0 / (1 + dest.count), 4)
             reasons = [] if score < 0.5 else [f"{exe} reached {destination} only {dest.count} time(s) before"]
             dest.count += 1
             dest.last_seen = now
+            del profile.destinations[destination]  # move to the end (most recently seen)
+            profile.destinations[destination] = dest
         profile.observations += 1
         self.dirty = True
         return Anomaly(score=score, reasons=reasons)

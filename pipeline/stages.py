@@ -32,6 +32,7 @@ from pipeline.score import Baseline
 log = structlog.get_logger("tool.pipeline")
 
 Batch = list
+MAX_BATCH = 1024  # records per batch between stages
 
 
 @dataclass
@@ -110,18 +111,22 @@ async def kernel_source(
         task_status.started(rb)
         async with send:
             while not stop.is_set():
-                with anyio.move_on_after(0.2):
-                    await wait_readable(rb)
-                rb.consume()
+                if not pending:
+                    with anyio.move_on_after(0.2):
+                        await wait_readable(rb)
+                    rb.consume()
+                # Hand on at most MAX_BATCH records at a time: with bounded streams
+                # downstream, a backlog stays in the kernel's ring buffer (where overflow
+                # is counted), not in this process's memory.
                 while pending:
-                    batch = pending[:]
-                    pending.clear()
+                    batch = pending[:MAX_BATCH]
+                    del pending[:MAX_BATCH]
                     await send.send(batch)
-                    if len(batch) >= 4096:
-                        rb.consume()  # keep draining while busy
             rb.consume()
-            if pending:
-                await send.send(pending[:])
+            while pending:
+                batch = pending[:MAX_BATCH]
+                del pending[:MAX_BATCH]
+                await send.send(batch)
     finally:
         rb.close()
 
@@ -331,7 +336,7 @@ def destination_key(rec: dec.ConnRecord) -> str:
 
 async def score_stage(
     recv: ObjectReceiveStream[Batch[Enriched]],
-    send: ObjectSendStream[Event],
+    send: ObjectSendStream[Event | list[Event]],
     baseline: Baseline,
     builder: EventBuilder,
     stats: PipelineStats,
@@ -352,5 +357,4 @@ async def score_stage(
                     events.append(builder.process(item))
                     stats.process_events += 1
             stats.timed("score", time.perf_counter() - t0)
-            for ev in events:
-                await send.send(ev)
+            await send.send(events)

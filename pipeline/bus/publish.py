@@ -68,7 +68,7 @@ class Publisher:
     def __init__(
         self,
         nc: NATS,
-        events: MemoryObjectReceiveStream[Event],
+        events: MemoryObjectReceiveStream[Event | list[Event]],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         flush_timeout_s: int = DEFAULT_FLUSH_TIMEOUT_S,
@@ -132,11 +132,16 @@ class Publisher:
                     first = await self._events.receive()
                 except anyio.EndOfStream:
                     break
-                batch = [first]
+                # Stages may send one event or a list of events (cheaper per event).
+                batch = list(first) if isinstance(first, list) else [first]
                 idle = False
                 while len(batch) < self._max_batch:
                     try:
-                        batch.append(self._events.receive_nowait())
+                        item = self._events.receive_nowait()
+                        if isinstance(item, list):
+                            batch.extend(item)
+                        else:
+                            batch.append(item)
                     except anyio.WouldBlock:
                         if idle:
                             break

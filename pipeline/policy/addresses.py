@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
 
 ANY_NETWORK = ipaddress.IPv6Network("::/0")
 _V4_MAPPED_BASE = int(ipaddress.IPv6Address("::ffff:0:0"))
+# A canonical dotted quad with an optional canonical prefix length: the common case, parsed here
+# without the general parser. Anything else (leading zeros, IPv6, errors) takes the general path.
+_OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PLAIN_V4 = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
 _DNS_NAME = re.compile(
     r"^(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?$"
 )
@@ -57,6 +62,7 @@ def display_network(net: ipaddress.IPv6Network) -> str:
     return str(net.network_address) if net.prefixlen == 128 else str(net)
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def parse_address(spec: str) -> ParsedAddress:
     """Parse one address spec.
 
@@ -72,6 +78,12 @@ def parse_address(spec: str) -> ParsedAddress:
     text = spec.strip()
     if text == "any":
         return ParsedAddress(ANY_NETWORK, None)
+    if plain := _PLAIN_V4.fullmatch(text):
+        a, b, c, d, length = plain.groups()
+        prefix = 32 if length is None else int(length)
+        value = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+        if value & ((1 << (32 - prefix)) - 1) == 0:
+            return ParsedAddress(ipaddress.IPv6Network((_V4_MAPPED_BASE + value, 96 + prefix)), None)
     looks_ip = ":" in text or bool(re.fullmatch(r"[0-9./]+", text))
     if looks_ip:
         try:

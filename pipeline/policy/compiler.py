@@ -22,6 +22,7 @@ from pipeline.policy.diagnostics import Diagnostic, PolicyError
 from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy, SourcedDocument
 from pipeline.policy.model import AGENT_MODES, BUILTIN_DEFAULTS, DIRECTIONS, Rule, Who
 from pipeline.policy.ports import merge_ranges, parse_port
+from pipeline.policy.yamlpos import paused_gc
 
 KernelAction = Literal["allow", "alert", "deny-audit", "deny"]
 ACTION_RANK: dict[str, int] = {"allow": 0, "alert": 1, "deny-audit": 2, "deny": 3}
@@ -224,11 +225,19 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
     Raises:
         PolicyError: More than 64 who-classes, or more than 64 rules on one (direction, protocol, network).
     """
+    with paused_gc():
+        return _compile(policy)
+
+
+def _compile(policy: LoadedPolicy) -> CompiledPolicy:
     warnings = [str(w) for w in policy.warnings]
     classes: dict[tuple[object, ...], WhoClass] = {}
     entries: list[KernelRule] = []
     infos: dict[int, RuleInfo] = {}
     rule_id = 0
+    per_key: dict[tuple[str, int, int, int], set[int]] = defaultdict(set)
+    key_networks: dict[tuple[str, int, int, int], ipaddress.IPv6Network] = {}
+    anyone = WhoClass(-1)
     for doc in policy.documents:
         rules = doc.policy.spec.rules
         if isinstance(rules, msgspec.UnsetType):
@@ -236,11 +245,16 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
         for index, rule in enumerate(rules):
             rule_id += 1
             where = doc.where(("spec", "rules", index))
-            cond = who_conditions(rule.who, f"{where}: rule '{rule.name}'", warnings)
-            cls = classes.get(cond.key())
+            cond = (
+                anyone
+                if rule.who is msgspec.UNSET
+                else who_conditions(rule.who, f"{where}: rule '{rule.name}'", warnings)
+            )
+            cond_key = cond.key()
+            cls = classes.get(cond_key)
             if cls is None:
                 cls = WhoClass(len(classes), cond.exe, cond.comm, cond.uid, cond.gid, cond.cgroup)
-                classes[cond.key()] = cls
+                classes[cond_key] = cls
             action = _kernel_action(rule, doc)
             field_name = ADDRESS_FIELD.get(rule.direction)
             specs = (
@@ -276,8 +290,10 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
             )
             if rule.direction == "raw":
                 entries.append(KernelRule(rule_id, cls.id, "raw", 0, ANY_NETWORK, 0, 255, action))
+                per_key[("raw", 0, 0, 0)].add(rule_id)
+                key_networks.setdefault(("raw", 0, 0, 0), ANY_NETWORK)
                 continue
-            collapsed = list(ipaddress.collapse_addresses(networks))
+            collapsed = networks if len(networks) == 1 else list(ipaddress.collapse_addresses(networks))
             ports = (
                 [(0, 65535)]
                 if isinstance(rule.ports, msgspec.UnsetType)
@@ -288,6 +304,9 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
             )
             for proto in protocols:
                 for net in collapsed:
+                    net_key = (rule.direction, proto, int(net.network_address), net.prefixlen)
+                    per_key[net_key].add(rule_id)
+                    key_networks.setdefault(net_key, net)
                     for low, high in ports:
                         entries.append(
                             KernelRule(rule_id, cls.id, rule.direction, proto, net, low, high, action)
@@ -304,11 +323,9 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
                 "reuse identical 'who' blocks across rules so they share one class",
             )
         )
-    per_key: dict[tuple[str, int, ipaddress.IPv6Network], set[int]] = defaultdict(set)
-    for entry in entries:
-        per_key[(entry.direction, entry.protocol, entry.network)].add(entry.rule_id)
-    for (direction, proto, net), ids in per_key.items():
+    for key, ids in per_key.items():
         if len(ids) > MAX_RULES_PER_KEY:
+            direction, proto, net = key[0], key[1], key_networks[key]
             errors.append(
                 Diagnostic(
                     policy.sources[0] if policy.sources else "<policy>",

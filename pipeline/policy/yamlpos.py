@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+# libyaml's parser when PyYAML was built with it; it produces the same nodes and marks as the
+# pure-Python one, but its error messages differ, so errors are always re-reported by the latter.
+_FAST_LOADER: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 PathItem = str | int
 Path = tuple[PathItem, ...]
@@ -51,6 +58,19 @@ def _pos(node: yaml.Node) -> Position:
 
 
 _constructor = yaml.SafeLoader("")
+_SCALAR_CONSTRUCTORS = _constructor.yaml_constructors
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _scalar(node: yaml.Node) -> Any:
+    # The safe constructor's own function, called without construct_object's per-node memo
+    # (which, on this shared constructor, would keep every node ever loaded alive).
+    if node.tag == _STR_TAG:
+        return node.value
+    construct = _SCALAR_CONSTRUCTORS.get(node.tag)
+    if construct is None:
+        return _constructor.construct_object(node, deep=True)
+    return construct(_constructor, node)
 
 
 def _build(node: yaml.Node, path: Path, positions: PositionMap) -> Any:
@@ -67,7 +87,33 @@ def _build(node: yaml.Node, path: Path, positions: PositionMap) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, (*path, i), positions) for i, item in enumerate(node.value)]
-    return _constructor.construct_object(node, deep=True)
+    return _scalar(node)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building large acyclic structures.
+
+    Building 100k rules allocates millions of objects, and the collector's repeated full passes
+    over them made loading quadratic; nothing built here forms reference cycles.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compose(text: str, loader: type[Any]) -> list[tuple[Any, PositionMap]]:
+    docs: list[tuple[Any, PositionMap]] = []
+    for node in yaml.compose_all(text, Loader=loader):
+        if node is None:
+            continue
+        positions = PositionMap()
+        docs.append((_build(node, (), positions), positions))
+    return docs
 
 
 def load_documents(text: str) -> list[tuple[Any, PositionMap]]:
@@ -82,15 +128,19 @@ def load_documents(text: str) -> list[tuple[Any, PositionMap]]:
     Raises:
         YamlSyntaxError: The text is not valid YAML, or a mapping repeats a key.
     """
-    docs: list[tuple[Any, PositionMap]] = []
+    with paused_gc():
+        if _FAST_LOADER is not yaml.SafeLoader:
+            try:
+                return _compose(text, _FAST_LOADER)
+            except yaml.YAMLError:
+                pass  # report it with the pure-Python parser's message and position
+        return _load_slow(text)
+
+
+def _load_slow(text: str) -> list[tuple[Any, PositionMap]]:
     try:
-        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
-            if node is None:
-                continue
-            positions = PositionMap()
-            docs.append((_build(node, (), positions), positions))
+        return _compose(text, yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
         raise YamlSyntaxError(f"invalid YAML: {exc.problem or exc.context}", position) from None
-    return docs

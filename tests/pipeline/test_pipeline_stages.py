@@ -85,3 +85,12 @@ def test_exec_identity_outlives_the_process() -> None:
     table.on_exit(999999, 42)
     info = table.lookup(999999, 42, "curl")
     assert info is not None and info.exe == "/usr/bin/curl" and info.cmdline == ["curl", "-s", "x"]
+
+
+def test_baseline_forgets_the_least_recently_seen_destination_first() -> None:
+    b = Baseline(None, warmup_observations=0, max_destinations=3)
+    for d in ("a", "b", "c"):
+        b.observe("/bin/x", d, now=1)
+    b.observe("/bin/x", "a", now=2)  # a is fresh again
+    b.observe("/bin/x", "d", now=3)  # evicts b, the least recently seen
+    assert list(b.profiles["/bin/x"].destinations) == ["c", "a", "d"]
