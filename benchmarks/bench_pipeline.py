@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -107,7 +106,9 @@ def consumer_url(state: Path) -> str:
 def start_agent(tmp: Path, cgroup_path: str) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
-    cfg.write_text("flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\n")  # default 8 MiB ring buffer
+    cfg.write_text(
+        "flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\n"
+    )  # default 8 MiB ring buffer
     err = (tmp / "agent.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--cgroup", cgroup_path,
@@ -217,13 +218,21 @@ def main() -> int:
             print(f"idle (baseline)     cpu {base['cpu_percent']:5.1f}%  rss {base['rss_mb']:6.1f} MB")
             for rate in (int(r) for r in args.rates.split(",")):
                 r = steady(proc.pid, cgroup_path, rate, args.seconds)
-                print(f"{rate:>7} events/s    cpu {r['cpu_percent']:5.1f}%  rss {r['rss_mb']:6.1f} MB  "
-                      f"(peak {r['peak_rss_mb']:.1f} MB)")
+                print(
+                    f"{rate:>7} events/s    cpu {r['cpu_percent']:5.1f}%  rss {r['rss_mb']:6.1f} MB  "
+                    f"(peak {r['peak_rss_mb']:.1f} MB)"
+                )
             print()
-            print(f"## Connection storm: {args.procs} processes x {args.storm} UDP datagrams, flow folding off")
+            print(
+                f"## Connection storm: {args.procs} processes x {args.storm} UDP datagrams, flow folding off"
+            )
             s = storm(state, cgroup_path, args.procs, args.storm)
-            print(f"kernel produced     {s['produced']:>9} decisions at {s['kernel_rate']:>9.0f}/s (baseline)")
-            print(f"subscriber received {s['received']:>9} events    at {s['pipeline_rate']:>9.0f}/s end to end")
+            print(
+                f"kernel produced     {s['produced']:>9} decisions at {s['kernel_rate']:>9.0f}/s (baseline)"
+            )
+            print(
+                f"subscriber received {s['received']:>9} events    at {s['pipeline_rate']:>9.0f}/s end to end"
+            )
             print(f"ring buffer full    {s['ring_buffer_full']:>9} (counted by the kernel, reported as loss)")
             print(f"unaccounted         {s['unaccounted']:>9}")
             print(f"pipeline/kernel     {s['pipeline_rate'] / s['kernel_rate']:.2f}")

@@ -161,12 +161,27 @@ CGROUP_KEY = Layout("tool_cgroup_key", (("slot", "I"), ("_pad0", "I"), ("cgroup_
 COMM_KEY = Layout("tool_comm_key", (("slot", "I"), ("comm", "16s")))
 LPM_KEY = Layout(
     "tool_lpm_key",
-    (("prefixlen", "I"), ("slot", "B"), ("direction", "B"), ("protocol", "B"), ("_pad0", "B"), ("addr", "16s")),
+    (
+        ("prefixlen", "I"),
+        ("slot", "B"),
+        ("direction", "B"),
+        ("protocol", "B"),
+        ("_pad0", "B"),
+        ("addr", "16s"),
+    ),
 )
 LPM_VALUE = Layout("tool_lpm_value", (("first", "I"), ("count", "H"), ("parent_len", "H")))
 RULE = Layout(
     "tool_rule",
-    (("who", "Q"), ("port_lo", "H"), ("port_hi", "H"), ("action", "B"), ("_pad0", "3s"), ("rule_id", "I"), ("_pad1", "I")),
+    (
+        ("who", "Q"),
+        ("port_lo", "H"),
+        ("port_hi", "H"),
+        ("action", "B"),
+        ("_pad0", "3s"),
+        ("rule_id", "I"),
+        ("_pad1", "I"),
+    ),
 )
 FLOW_KEY = Layout(
     "tool_flow_key",

@@ -191,6 +191,42 @@ def check_program(program: str, label: str, required: bool, objects_dir: Path | 
     return Check(label, OK, "loaded", required=required)
 
 
+def check_sensors() -> list[Check]:
+    """Load the agent's real sensors object (nothing attached) and name every program the kernel refuses."""
+    from loaders.sensors import CGROUP_PROGRAMS, OBJECT_PATH, TRACE_PROGRAMS, _rejected_program
+
+    refused: list[Check] = []
+    skip: set[str] = set()
+    for _ in range(len(CGROUP_PROGRAMS) + len(TRACE_PROGRAMS)):
+        try:
+            with BpfObject.open(OBJECT_PATH) as obj:
+                for name in skip:
+                    obj.program(name).set_autoload(False)
+                obj.load()
+        except errors.VerifierError as exc:
+            name = _rejected_program(exc.log)
+            if name is None or name in skip:
+                return [*refused, Check("sensors object", FAIL, str(exc).splitlines()[0], exc.advice)]
+            skip.add(name)
+            what = CGROUP_PROGRAMS.get(name) or TRACE_PROGRAMS.get(name, name)
+            required = name in ("tool_connect4", "tool_connect6", "tool_sendmsg4", "tool_sendmsg6")
+            refused.append(
+                Check(
+                    f"sensor {name}",
+                    FAIL if required else WARN,
+                    f"refused by this kernel: {what} not seen",
+                    "a newer kernel (see docs/architecture.md, minimum kernels)",
+                    required,
+                )
+            )
+            continue
+        except errors.BpfError as exc:
+            return [*refused, Check("sensors object", FAIL, exc.what, exc.advice)]
+        break
+    total = len(CGROUP_PROGRAMS) + len(TRACE_PROGRAMS)
+    return [*refused, Check("sensors object", OK, f"{total - len(skip)} of {total} programs load")]
+
+
 def run_checks(objects_dir: Path | None = None) -> list[Check]:
     """Run every check, in report order."""
     checks = [
@@ -209,6 +245,7 @@ def run_checks(objects_dir: Path | None = None) -> list[Check]:
         checks.append(dataclasses.replace(lpm, required=False, status=lpm_status))
         for program, label, required in PROGRAM_PROBES:
             checks.append(check_program(program, label, required, objects_dir))
+        checks.extend(check_sensors())
     checks.append(
         Check(
             "kprobe/fentry/lsm",

@@ -131,8 +131,13 @@ class Agent:
             seeded = self.sensors.seed_tasks()
             for prog, why in self.sensors.missing.items():
                 log.warning("feature_missing", program=prog, detail=why)
-            log.info("sensors_attached", cgroup=self.sensors.cgroup_path, mode=c.mode, seeded_processes=seeded,
-                     programs=len(self.sensors.links))
+            log.info(
+                "sensors_attached",
+                cgroup=self.sensors.cgroup_path,
+                mode=c.mode,
+                seeded_processes=seeded,
+                programs=len(self.sensors.links),
+            )
             async with _bus(c, state) as url:
                 self.nats_url = url
                 await self._run_graph(url, first, task_status)
@@ -144,10 +149,12 @@ class Agent:
         c = self.config
         assert self.sensors is not None and self.runtime is not None
         callbacks = NatsConnectionEvents()
-        nc = await nats.connect(url, max_reconnect_attempts=-1, name=f"tool-agent-{self.host}",
-                                **callbacks.connect_options())
-        subs_nc = await nats.connect(url, max_reconnect_attempts=-1, name=f"tool-outputs-{self.host}",
-                                     **callbacks.connect_options())
+        nc = await nats.connect(
+            url, max_reconnect_attempts=-1, name=f"tool-agent-{self.host}", **callbacks.connect_options()
+        )
+        subs_nc = await nats.connect(
+            url, max_reconnect_attempts=-1, name=f"tool-outputs-{self.host}", **callbacks.connect_options()
+        )
         try:
             js = nc.jetstream()
             try:
@@ -155,8 +162,9 @@ class Agent:
             except Exception as exc:  # a server without JetStream still gets the live stream
                 log.warning("jetstream_unavailable", error=str(exc))
 
-            baseline = Baseline(Path(c.state_dir) / "baseline.json",
-                                warmup_observations=c.anomaly.warmup_observations)
+            baseline = Baseline(
+                Path(c.state_dir) / "baseline.json", warmup_observations=c.anomaly.warmup_observations
+            )
             enricher = Enricher(cg.cgroup2_root())
             builder = EventBuilder(self.host, self.instance, boot_offset_ns())
 
@@ -197,8 +205,11 @@ class Agent:
                     # finishes when its input ends; the publisher confirms everything.
                     await self._report_loss(final=True)
                     await self._send_event.aclose()
-                log.info("pipeline_drained", events=self.stats.connection_events + self.stats.process_events,
-                         published=self.publisher.counters().confirmed)
+                log.info(
+                    "pipeline_drained",
+                    events=self.stats.connection_events + self.stats.process_events,
+                    published=self.publisher.counters().confirmed,
+                )
                 await anyio.to_thread.run_sync(baseline.save)
                 await nc.flush(timeout=5)
                 await anyio.sleep(0)  # let subscribers take the last messages
@@ -211,7 +222,9 @@ class Agent:
                 except Exception:
                     await conn.close()
 
-    async def _start_outputs(self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents) -> None:
+    async def _start_outputs(
+        self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents
+    ) -> None:
         c = self.config
         if c.audit_log:
             from pipeline.outputs.audit import run_audit
@@ -304,8 +317,11 @@ class Agent:
             decode_errors=now["decode_errors"],
         )
         if event.ring_buffer_full_delta or event.sequence_gaps_delta:
-            log.warning("events_lost", ring_buffer_full=event.ring_buffer_full_delta,
-                        sequence_gaps=event.sequence_gaps_delta)
+            log.warning(
+                "events_lost",
+                ring_buffer_full=event.ring_buffer_full_delta,
+                sequence_gaps=event.sequence_gaps_delta,
+            )
         self._loss_prev = now
         await self._send_event.send(event)
 
@@ -351,21 +367,33 @@ class Agent:
         async def policy(_: bytes) -> bytes:
             assert self.runtime is not None
             compiled = self.runtime.compiled
-            rules = [] if compiled is None else [
-                {"id": rid, "name": r.name, "action": r.action, "audit": r.audit, "source": r.source,
-                 "explanation": r.explanation}
-                for rid, r in sorted(compiled.rules.items())
-            ]
-            return encoder.encode({
-                "generation": self.runtime.generation,
-                "sources": [str(p) for p in self.runtime.paths],
-                "defaults": compiled.defaults if compiled else {},
-                "rules": rules,
-                "dynamic_denies": [
-                    {"exe": d.exe, "address": str(d.network), "port": d.port, "reason": d.reason}
-                    for d in self.runtime.dynamic
-                ],
-            })
+            rules = (
+                []
+                if compiled is None
+                else [
+                    {
+                        "id": rid,
+                        "name": r.name,
+                        "action": r.action,
+                        "audit": r.audit,
+                        "source": r.source,
+                        "explanation": r.explanation,
+                    }
+                    for rid, r in sorted(compiled.rules.items())
+                ]
+            )
+            return encoder.encode(
+                {
+                    "generation": self.runtime.generation,
+                    "sources": [str(p) for p in self.runtime.paths],
+                    "defaults": compiled.defaults if compiled else {},
+                    "rules": rules,
+                    "dynamic_denies": [
+                        {"exe": d.exe, "address": str(d.network), "port": d.port, "reason": d.reason}
+                        for d in self.runtime.dynamic
+                    ],
+                }
+            )
 
         async def validate(body: bytes) -> bytes:
             return encoder.encode(await anyio.to_thread.run_sync(validate_policy_text, body))
@@ -383,8 +411,14 @@ class Agent:
             result = await self.reload_policy()
             return encoder.encode({"ok": result.ok, "generation": result.generation, "errors": result.errors})
 
-        return {"status": status, "stats": stats, "policy": policy, "policy.validate": validate,
-                "mode": mode, "policy.reload": reload}
+        return {
+            "status": status,
+            "stats": stats,
+            "policy": policy,
+            "policy.validate": validate,
+            "mode": mode,
+            "policy.reload": reload,
+        }
 
 
 def validate_policy_text(body: bytes) -> dict[str, Any]:

@@ -20,7 +20,9 @@ def setup_logging(verbose: bool = False, *, json_logs: bool | None = None) -> No
     level = logging.DEBUG if verbose else logging.INFO
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    renderer: Any = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
+    )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -41,15 +43,31 @@ def _add_run(sub: Any) -> None:
         description="Attach the kernel sensors, run the stage graph and publish every event on NATS. "
         "Settings: built-in defaults < --config file < TOOL_* environment < flags.",
     )
-    p.add_argument("--mode", choices=["detect", "prevent"], help="detect: flag only; prevent: the kernel refuses")
-    p.add_argument("--nats", metavar="URL", help="use this NATS server or cluster instead of the embedded one")
-    p.add_argument("--policy", metavar="PATH", action="append",
-                   help="policy file or directory (repeatable; default: the shipped default policy)")
-    p.add_argument("--cgroup", metavar="PATH", help="cgroup v2 directory to watch (default: the root: whole host)")
+    p.add_argument(
+        "--mode", choices=["detect", "prevent"], help="detect: flag only; prevent: the kernel refuses"
+    )
+    p.add_argument(
+        "--nats", metavar="URL", help="use this NATS server or cluster instead of the embedded one"
+    )
+    p.add_argument(
+        "--policy",
+        metavar="PATH",
+        action="append",
+        help="policy file or directory (repeatable; default: the shipped default policy)",
+    )
+    p.add_argument(
+        "--cgroup", metavar="PATH", help="cgroup v2 directory to watch (default: the root: whole host)"
+    )
     p.add_argument("--state-dir", metavar="PATH", help="state directory (default: /var/lib/tool)")
-    p.add_argument("--audit-log", metavar="PATH", help="audit log file (default: /var/log/tool/audit.log; '' = off)")
-    p.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOOL_CONFIG or /etc/tool/config.yaml)")
-    p.add_argument("--nats-port", type=int, metavar="PORT", help="embedded NATS port on loopback (default 4222)")
+    p.add_argument(
+        "--audit-log", metavar="PATH", help="audit log file (default: /var/log/tool/audit.log; '' = off)"
+    )
+    p.add_argument(
+        "--config", metavar="PATH", help="YAML config file (default: $TOOL_CONFIG or /etc/tool/config.yaml)"
+    )
+    p.add_argument(
+        "--nats-port", type=int, metavar="PORT", help="embedded NATS port on loopback (default 4222)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (includes libbpf's log)")
     p.set_defaults(func=_run)
 
@@ -83,8 +101,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tool-pipeline: the policy has errors, nothing was attached:\n{exc}", file=sys.stderr)
         return 1
     except bpf_errors.BpfError as exc:
-        print(f"tool-pipeline: cannot attach the sensors: {exc}\nrun 'tool-pipeline doctor' for a full check",
-              file=sys.stderr)
+        print(
+            f"tool-pipeline: cannot attach the sensors: {exc}\nrun 'tool-pipeline doctor' for a full check",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130
@@ -93,10 +113,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_api(sub: Any) -> None:
-    for name, help_text in (("status", "show the running agent's status"),
-                            ("stats", "show the running agent's counters")):
+    for name, help_text in (
+        ("status", "show the running agent's status"),
+        ("stats", "show the running agent's counters"),
+    ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--nats", metavar="URL", help="server URL with credentials (default: embedded, consumer)")
+        p.add_argument(
+            "--nats", metavar="URL", help="server URL with credentials (default: embedded, consumer)"
+        )
         p.add_argument("--state-dir", type=Path, default=Path("/var/lib/tool"))
         p.set_defaults(func=_api_command, endpoint=name)
 
@@ -123,7 +147,10 @@ def _api_command(args: argparse.Namespace) -> int:
     try:
         reply = anyio.run(call)
     except Exception as exc:
-        print(f"tool-pipeline: the agent did not answer ({exc}); is 'tool-pipeline run' running?", file=sys.stderr)
+        print(
+            f"tool-pipeline: the agent did not answer ({exc}); is 'tool-pipeline run' running?",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(reply, indent=2))
     return 0

@@ -21,7 +21,12 @@ KIND_NAMES = {
     abi.EV_EXEC: "exec",
     abi.EV_EXIT: "exit",
 }
-DIRECTION_NAMES = {abi.DIR_EGRESS: "egress", abi.DIR_INGRESS: "ingress", abi.DIR_LISTEN: "listen", abi.DIR_RAW: "raw"}
+DIRECTION_NAMES = {
+    abi.DIR_EGRESS: "egress",
+    abi.DIR_INGRESS: "ingress",
+    abi.DIR_LISTEN: "listen",
+    abi.DIR_RAW: "raw",
+}
 VERDICT_NAMES = {
     abi.VERDICT_ALLOW: "allowed",
     abi.VERDICT_BLOCK: "blocked",

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from pipeline.config import AnomalyConfig
-from pipeline.events import ConnectionEvent, EnforcementEvent, Endpoint, host_token
+from pipeline.events import ConnectionEvent, Endpoint, EnforcementEvent, host_token
 from pipeline.outputs.nats_callbacks import confirm_subscriptions
 from pipeline.policy_runtime import DynamicDeny, PolicyRuntime
 
@@ -89,12 +89,19 @@ class Enforcer:
             exe=event.process.exe,
             remote=Endpoint(address=event.remote.address, port=event.remote.port),
         )
-        log.warning("enforcement_applied", exe=deny.exe, remote=event.remote.address, port=deny.port,
-                    generation=generation)
+        log.warning(
+            "enforcement_applied",
+            exe=deny.exe,
+            remote=event.remote.address,
+            port=deny.port,
+            generation=generation,
+        )
         await self.publish(out)
         return out
 
-    async def run(self, nc: NATS, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, nc: NATS, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Subscribe to this host's connection events and act on them until cancelled."""
         send, recv = anyio.create_memory_object_stream[Msg](1024)
 

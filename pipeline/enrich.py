@@ -21,7 +21,9 @@ _CLK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 # /proc gives a start time in clock ticks: accept that much rounding when matching the kernel's exec id.
 _START_SLACK_NS = 2 * _CLK_NS
 
-_CONTAINER_RE = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|containerd-)?([0-9a-f]{64})(?:\.scope)?$")
+_CONTAINER_RE = re.compile(
+    r"(?:docker-|cri-containerd-|crio-|libpod-|containerd-)?([0-9a-f]{64})(?:\.scope)?$"
+)
 _UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".slice")
 
 
@@ -211,13 +213,23 @@ def describe_cgroup(cgroup_id: int, path: str) -> Cgroup:
     return Cgroup(id=cgroup_id, path=path, systemd_unit=unit, container_id=container)
 
 
-def process_of(table: ProcessTable, users: UserNames, tgid: int, pid: int, exec_id: int, ppid: int,
-               uid: int, gid: int, comm: str) -> Process:
+def process_of(
+    table: ProcessTable,
+    users: UserNames,
+    tgid: int,
+    pid: int,
+    exec_id: int,
+    ppid: int,
+    uid: int,
+    gid: int,
+    comm: str,
+) -> Process:
     """Build the published Process for an event."""
     info = table.lookup(tgid, exec_id, comm)
     if info is None:
-        return Process(pid=tgid, tid=pid, ppid=ppid, uid=uid, gid=gid, user=users.name(uid), comm=comm,
-                       exec_id=exec_id)
+        return Process(
+            pid=tgid, tid=pid, ppid=ppid, uid=uid, gid=gid, user=users.name(uid), comm=comm, exec_id=exec_id
+        )
     parent = ppid or info.ppid
     return Process(
         pid=tgid,

@@ -82,7 +82,9 @@ class PolicyRuntime:
                 classes.append(WhoClass(id=cls_id, exe=[d.exe]))
                 by_exe[d.exe] = cls_id
             rule_id = DYNAMIC_RULE_BASE + i
-            entries.append(KernelRule(rule_id, cls_id, "egress", d.protocol, d.network, d.port, d.port, "deny"))
+            entries.append(
+                KernelRule(rule_id, cls_id, "egress", d.protocol, d.network, d.port, d.port, "deny")
+            )
             rules[rule_id] = RuleInfo(
                 name=f"anomaly-block-{i + 1}",
                 description=d.reason,
@@ -130,15 +132,22 @@ class PolicyRuntime:
             list(compiled.warnings),
             (time.perf_counter() - started) * 1000,
         )
-        log.info("policy_loaded", generation=generation, rules=result.rules, sources=result.sources,
-                 duration_ms=round(result.duration_ms, 1))
+        log.info(
+            "policy_loaded",
+            generation=generation,
+            rules=result.rules,
+            sources=result.sources,
+            duration_ms=round(result.duration_ms, 1),
+        )
         for w in compiled.warnings:
             log.warning("policy_warning", warning=w)
         return result
 
     def _rejected(self, started: float, sources: list[str], errors: list[str]) -> LoadResult:
         log.error("policy_rejected", errors=errors, kept_generation=self.generation)
-        return LoadResult(False, self.generation, 0, sources, errors, [], (time.perf_counter() - started) * 1000)
+        return LoadResult(
+            False, self.generation, 0, sources, errors, [], (time.perf_counter() - started) * 1000
+        )
 
     def add_dynamic_deny(self, deny: DynamicDeny) -> int:
         """Add a deny on top of the policy files and swap it in.

@@ -79,7 +79,9 @@ def _wait_ready(agent: RunningAgent, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if agent.proc.poll() is not None:
-            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{agent.stderr.read_text()[-4000:]}")
+            raise AssertionError(
+                f"agent exited with {agent.proc.returncode}:\n{agent.stderr.read_text()[-4000:]}"
+            )
         if "agent_running" in agent.stderr.read_text():
             return
         time.sleep(0.1)
@@ -144,10 +146,17 @@ def _get(event: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-async def _collect(url: str, collector: Collector, until: Any, timeout: float = 30, action: Any = None,
-                   subject: str = "tool.events.>") -> None:
+async def _collect(
+    url: str,
+    collector: Collector,
+    until: Any,
+    timeout: float = 30,
+    action: Any = None,
+    subject: str = "tool.events.>",
+) -> None:
     nc = await nats.connect(url)
     try:
+
         async def on_msg(msg: Any) -> None:
             collector.subjects.append(msg.subject)
             collector.events.append(json.loads(msg.data))
@@ -162,8 +171,13 @@ async def _collect(url: str, collector: Collector, until: Any, timeout: float = 
                 await anyio.sleep(0.05)
         if not until(collector):
             summary = [
-                (e.get("type"), e.get("kind"), e.get("verdict"), (e.get("remote") or {}).get("port"),
-                 (e.get("process") or {}).get("pid"))
+                (
+                    e.get("type"),
+                    e.get("kind"),
+                    e.get("verdict"),
+                    (e.get("remote") or {}).get("port"),
+                    (e.get("process") or {}).get("pid"),
+                )
                 for e in collector.events
             ]
             raise AssertionError(f"condition not met in {timeout}s; events seen: {summary[-40:]}")
@@ -231,6 +245,7 @@ def test_connections_reach_a_subscriber_with_process_identity(agent: RunningAgen
 
 def test_switch_to_prevent_refuses_in_the_kernel(agent: RunningAgent) -> None:
     """Over the API, prevent mode makes the kernel refuse the denied and the unknown connection."""
+
     async def switch() -> dict[str, Any]:
         nc = await nats.connect(agent.consumer_url())
         try:
@@ -246,8 +261,14 @@ def test_switch_to_prevent_refuses_in_the_kernel(agent: RunningAgent) -> None:
     def act() -> None:
         outputs.append(agent.run_in_cgroup(CLIENT + "tcp(9)\ntcp(4444)\n"))
 
-    anyio.run(lambda: _collect(agent.consumer_url(), collector,
-                               lambda c: len(c.matching(type="connection", verdict="blocked")) >= 2, action=act))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector,
+            lambda c: len(c.matching(type="connection", verdict="blocked")) >= 2,
+            action=act,
+        )
+    )
     assert "9 errno 1" in outputs[0] and "4444 errno 1" in outputs[0]
     blocked = {e["remote"]["port"]: e for e in collector.matching(type="connection", verdict="blocked")}
     assert blocked[9]["rule"]["name"] == "no-discard"
@@ -265,8 +286,14 @@ def test_short_lived_process_is_named_by_its_executable(agent: RunningAgent) -> 
             preexec_fn=cg.enter(agent.cgroup), check=True, timeout=30,
         )  # fmt: skip
 
-    anyio.run(lambda: _collect(agent.consumer_url(), collector,
-                               lambda c: bool(c.matching(type="connection", remote__port=7)), action=act))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector,
+            lambda c: bool(c.matching(type="connection", remote__port=7)),
+            action=act,
+        )
+    )
     ev = collector.matching(type="connection", remote__port=7)[0]
     assert ev["process"]["exe"] == os.path.realpath(sys.executable)
     assert "connect_ex" in " ".join(ev["process"]["cmdline"])
@@ -296,14 +323,25 @@ def test_rejected_policy_keeps_the_old_one_and_is_published(agent: RunningAgent)
         agent.policy.write_text(POLICY.replace("action: deny", "action: dney"))
         os.kill(agent.proc.pid, signal.SIGHUP)
 
-    anyio.run(lambda: _collect(agent.consumer_url(), collector,
-                               lambda c: bool(c.matching(type="policy", kind="rejected")), action=act))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector,
+            lambda c: bool(c.matching(type="policy", kind="rejected")),
+            action=act,
+        )
+    )
     rejected = collector.matching(type="policy", kind="rejected")[0]
     assert any(f"{agent.policy}:" in e and "dney" in e for e in rejected["errors"])
     collector2 = Collector()
-    anyio.run(lambda: _collect(agent.consumer_url(), collector2,
-                               lambda c: bool(c.matching(type="connection", remote__port=9)),
-                               action=lambda: agent.run_in_cgroup(CLIENT + "tcp(9)\n")))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector2,
+            lambda c: bool(c.matching(type="connection", remote__port=9)),
+            action=lambda: agent.run_in_cgroup(CLIENT + "tcp(9)\n"),
+        )
+    )
     assert collector2.matching(type="connection", remote__port=9)[0]["rule"]["name"] == "no-discard"
 
 
@@ -335,8 +373,11 @@ def test_sigterm_drains_and_a_late_subscriber_catches_up(agent: RunningAgent) ->
         nc = await nats.connect(agent.consumer_url())
         try:
             js = nc.jetstream()
-            sub = await js.subscribe("tool.events.*.connection.>", ordered_consumer=True,
-                                     deliver_policy=nats.js.api.DeliverPolicy.ALL)
+            sub = await js.subscribe(
+                "tool.events.*.connection.>",
+                ordered_consumer=True,
+                deliver_policy=nats.js.api.DeliverPolicy.ALL,
+            )
             with anyio.fail_after(20):
                 while len([e for e in found if e["remote"]["port"] == marker_port]) < 1:
                     msg = await sub.next_msg(timeout=10)
@@ -352,7 +393,9 @@ def test_ring_buffer_overrun_is_reported_and_adds_up(tmp_path: Path) -> None:
     """With a tiny ring buffer, what was lost is counted: received + lost == made, exactly."""
     require_kernel()
     config = tmp_path / "config.yaml"
-    config.write_text("ringbuf_bytes: 4096\nflow_interval_ms: 0\nloss_report_interval_s: 0.5\naudit_log: ''\n")
+    config.write_text(
+        "ringbuf_bytes: 4096\nflow_interval_ms: 0\nloss_report_interval_s: 0.5\naudit_log: ''\n"
+    )
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     err = tmp_path / "agent.stderr"
@@ -419,20 +462,32 @@ def test_policy_file_change_is_applied_without_signal(agent: RunningAgent) -> No
     def act() -> None:
         agent.policy.write_text(POLICY.replace("ports: [9]", "ports: [9, 13]"))
 
-    anyio.run(lambda: _collect(agent.consumer_url(), collector,
-                               lambda c: bool(c.matching(type="policy", kind="loaded")), action=act))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector,
+            lambda c: bool(c.matching(type="policy", kind="loaded")),
+            action=act,
+        )
+    )
     loaded = collector.matching(type="policy", kind="loaded")[-1]
     assert loaded["generation"] >= 2
     collector2 = Collector()
-    anyio.run(lambda: _collect(agent.consumer_url(), collector2,
-                               lambda c: bool(c.matching(type="connection", remote__port=13)),
-                               action=lambda: agent.run_in_cgroup(CLIENT + "tcp(13)\n")))
+    anyio.run(
+        lambda: _collect(
+            agent.consumer_url(),
+            collector2,
+            lambda c: bool(c.matching(type="connection", remote__port=13)),
+            action=lambda: agent.run_in_cgroup(CLIENT + "tcp(13)\n"),
+        )
+    )
     ev = collector2.matching(type="connection", remote__port=13)[0]
     assert ev["rule"]["name"] == "no-discard" and ev["verdict"] == "would-block"
 
 
 def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
     """tool.api.status, tool.api.policy and tool.api.policy.validate answer a consumer; bad input gets an error."""
+
     async def ask() -> tuple[dict[str, Any], ...]:
         nc = await nats.connect(agent.consumer_url())
         try:

@@ -124,3 +124,22 @@ def test_cgroup_rule(h: Harness, subs: SubCgroups) -> None:
     assert by[(in_a.pid, PORT)] == (abi.VERDICT_ALLOW, compiled.rule_id(f"allow-{PORT}"), ida)
     assert by[(in_b.pid, PORT)] == (abi.VERDICT_BLOCK, 0, idb)
     assert by[(in_b.pid, OTHER_PORT)] == (abi.VERDICT_ALLOW, compiled.rule_id(f"allow-{OTHER_PORT}"), idb)
+
+
+def test_the_program_an_old_kernel_refuses_is_named_from_the_verifier_log() -> None:
+    """Sensors.load drops an optional program the kernel refuses; it finds which one in libbpf's real log."""
+    from pathlib import Path
+
+    import pytest
+
+    from loaders import BpfObject, errors
+    from loaders.sensors import _rejected_program
+    from tests.kernel_support import require_kernel
+
+    require_kernel()
+    test_object = Path(__file__).resolve().parents[1] / "loaders" / "data" / "test_progs.bpf.o"
+    with BpfObject.open(test_object) as obj:
+        obj.program("bad_prog").set_autoload(True)
+        with pytest.raises(errors.VerifierError) as info:
+            obj.load()
+    assert _rejected_program(info.value.log) == "bad_prog"
