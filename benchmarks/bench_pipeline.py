@@ -30,16 +30,19 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 SUBSCRIBER = r"""
 import asyncio, json, sys, time
+FILTER = True
 import nats
 async def main():
     url, expect, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    global FILTER
+    FILTER = sys.argv[4] == "storm"
     nc = await nats.connect(url, pending_size=1024*1024*1024)
     n = 0; first = last = None
     done = asyncio.Event()
     async def cb(msg):
         nonlocal n, first, last
         now = time.monotonic()
-        if not 20000 <= json.loads(msg.data)["remote"]["port"] < 40000:
+        if FILTER and not 20000 <= json.loads(msg.data)["remote"]["port"] < 40000:
             return  # not from the storm
         if first is None: first = now
         last = now
@@ -73,6 +76,18 @@ for i in range(0, n, batch):
 """
 
 
+PRODUCER = r"""
+import os, sys, time
+calls = int(sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    rounds = int(line)
+    for _ in range(rounds):
+        os.getppid()
+    print("done", flush=True)
+"""
+
+
 def agent_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -103,12 +118,15 @@ def consumer_url(state: Path) -> str:
     return str(c["url"]).replace("nats://", f"nats://{c['user']}:{c['password']}@")
 
 
-def start_agent(tmp: Path, cgroup_path: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_agent(
+    tmp: Path, cgroup_path: str, producer_pid: int, burst: int
+) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
-    cfg.write_text(
+    cfg.write_text(  # default 8 MiB ring buffer
         "flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\n"
-    )  # default 8 MiB ring buffer
+        f"bench_producer_tgid: {producer_pid}\nbench_producer_burst: {burst}\n"
+    )
     err = (tmp / "agent.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--cgroup", cgroup_path,
@@ -147,7 +165,7 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     wait_idle(state)
     before = kernel_counters(state)
     sub = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(total), "120"],
+        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(total), "120", "storm"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert sub.stdout is not None
@@ -171,6 +189,41 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     return {
         "produced": total,
         "kernel_decisions": decisions,
+        "received": result["received"],
+        "ring_buffer_full": lost,
+        "unaccounted": total - result["received"] - lost,
+        "kernel_rate": total / produced_s,
+        "pipeline_rate": result["received"] / result["seconds"] if result["seconds"] else 0.0,
+    }
+
+
+def synthetic(
+    state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int
+) -> dict[str, float]:
+    """Drive the pipeline from the kernel-side producer: calls x burst records as fast as the kernel emits."""
+    total = calls * burst
+    wait_idle(state)
+    before = kernel_counters(state)
+    sub = subprocess.Popen(
+        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(total), "120", "all"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert sub.stdout is not None and producer.stdin is not None and producer.stdout is not None
+    assert sub.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    cpu0 = agent_cpu_seconds(agent_pid)
+    producer.stdin.write(f"{calls}\n")
+    producer.stdin.flush()
+    assert producer.stdout.readline().strip() == "done"
+    produced_s = time.monotonic() - t0
+    result = json.loads(sub.stdout.readline())
+    sub.wait()
+    busy = agent_cpu_seconds(agent_pid) - cpu0
+    after = kernel_counters(state)
+    lost = after["ring_buffer_full"] - before["ring_buffer_full"]
+    return {
+        "agent_cpu_percent": 100 * busy / max(result["seconds"], 1e-9),
+        "produced": total,
         "received": result["received"],
         "ring_buffer_full": lost,
         "unaccounted": total - result["received"] - lost,
@@ -205,13 +258,18 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4, help="storm processes")
     ap.add_argument("--rates", default="1000,20000", help="steady event rates for CPU/RSS")
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each steady rate")
+    ap.add_argument("--synthetic", type=int, default=1000, help="getppid() calls of the kernel producer")
+    ap.add_argument("--burst", type=int, default=256, help="records the kernel producer emits per call")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark attaches the sensors to a scratch cgroup")
 
     with tempfile.TemporaryDirectory() as tmpdir, cg.scratch_cgroup("toolbench") as cgroup_path:
         tmp = Path(tmpdir)
-        proc, state = start_agent(tmp, cgroup_path)
+        producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "0"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
+        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst)
         try:
             print("## CPU and RSS of the agent (2-core machine; one core = 100%)")
             base = idle(proc.pid, args.seconds)
@@ -236,10 +294,19 @@ def main() -> int:
             print(f"ring buffer full    {s['ring_buffer_full']:>9} (counted by the kernel, reported as loss)")
             print(f"unaccounted         {s['unaccounted']:>9}")
             print(f"pipeline/kernel     {s['pipeline_rate'] / s['kernel_rate']:.2f}")
-            return 0 if s["unaccounted"] == 0 else 1
+            print()
+            print(f"## Kernel-side synthetic producer: {args.synthetic} x {args.burst} records")
+            y = synthetic(state, producer, args.synthetic, args.burst, proc.pid)
+            print(f"kernel produced     {y['produced']:>9} records   at {y['kernel_rate']:>9.0f}/s (baseline)")
+            print(f"subscriber received {y['received']:>9} events    at {y['pipeline_rate']:>9.0f}/s end to end")
+            print(f"ring buffer full    {y['ring_buffer_full']:>9} (counted by the kernel, reported as loss)")
+            print(f"unaccounted         {y['unaccounted']:>9}")
+            print(f"agent cpu           {y['agent_cpu_percent']:>8.0f}% of one core while draining")
+            return 0 if s["unaccounted"] == 0 and y["unaccounted"] == 0 else 1
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+            producer.kill()
 
 
 if __name__ == "__main__":

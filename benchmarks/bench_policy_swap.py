@@ -99,12 +99,12 @@ def main() -> None:
                 print(f"-- round {i}")
                 for tag, n in (("small", args.baseline_rules), ("big", args.rules)):
                     target = TARGET_S if tag == "big" else None
-                    for suffix, name in ((".yaml", "a) YAML"), (".json", "b) JSON")):
+                    for suffix, name in ((".yaml", "(a) YAML"), (".json", "(b) JSON")):
                         t0 = time.perf_counter()
                         loaded = load_policy([files[(tag, suffix)]])
                         load_s = time.perf_counter() - t0
                         entries, stages = swap(sensors, loaded, root)
-                        report(f"({name} {n} rules, full)", entries, {"load": load_s, **stages})
+                        report(f"{name} {n} rules, full", entries, {"load": load_s, **stages})
                     entries, stages = swap(sensors, loaded, root)
                     report(f"(c) parsed {n} rules, compile+swap", entries, stages, target)
 

@@ -990,3 +990,36 @@ int BPF_PROG(tool_exit, struct task_struct *p)
 	bpf_map_delete_elem(&tasks, &tgid);
 	return 0;
 }
+
+/* ---- benchmark producer (not loaded unless asked: benchmarks/bench_pipeline.py) ----
+ * Each getppid() of the process bench_tgid emits bench_burst connection records
+ * through the same path as real ones (sequence, counters, ring buffer), so the
+ * pipeline can be driven faster than real connections would. Needs bpf_loop (5.17). */
+const volatile __u32 bench_tgid = 0;
+const volatile __u32 bench_burst = 256;
+
+static long bench_emit(__u32 i, void *unused)
+{
+	struct subject s = {};
+	struct decision d = {
+		.verdict = TOOL_VERDICT_ALLOW, .action = TOOL_ACT_ALLOW, .mode = TOOL_MODE_DETECT, .unknown = 1,
+	};
+	__u8 remote[16], local[16] = {};
+
+	s.task.pid = bench_tgid;
+	s.task.tgid = bench_tgid;
+	__builtin_memcpy(s.task.comm, "bench", 6);
+	v4_mapped(remote, bpf_htonl(0x0a000000 | (i & 0xffff)));
+	emit_conn(TOOL_EV_CONNECT, &s, &d, TOOL_F_V4, AF_INET, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_EGRESS, local, 0,
+		  remote, 443, 0, 0, 0);
+	return 0;
+}
+
+SEC("?tp/syscalls/sys_enter_getppid")
+int tool_bench_producer(void *ctx)
+{
+	if (!bench_tgid || (bpf_get_current_pid_tgid() >> 32) != bench_tgid)
+		return 0;
+	bpf_loop(bench_burst, bench_emit, NULL, 0);
+	return 0;
+}

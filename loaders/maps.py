@@ -297,10 +297,29 @@ class Map:
         opts = ffi.new("uint64_t[3]", [24, 0, flags])  # struct bpf_map_batch_opts {sz, elem_flags, flags}
         result = self._lib.bpf_map_update_batch(self.fd, b"".join(keys), b"".join(values), count, opts)
         if -result in _BATCH_UNSUPPORTED:
-            for key, value in zip(keys, values, strict=True):
-                self.update(key, value, flags)
+            self._update_each(keys, values, flags)
             return
         check(f"bpf_map_update_batch({self.name})", result)
+
+    def _update_each(self, keys: Sequence[bytes], values: Sequence[bytes], flags: int) -> None:
+        """One ``bpf_map_update_elem`` per entry, sizes already checked: the loop holds no Python wrapper."""
+        fd, update = self.fd, self._lib.bpf_map_update_elem
+        for key, value in zip(keys, values, strict=True):
+            result = update(fd, key, value, flags)
+            if result < 0:
+                check(f"bpf_map_update_elem({self.name})", result)
+
+    def _delete_each(self, keys: Sequence[bytes]) -> int:
+        """One ``bpf_map_delete_elem`` per key, sizes already checked; absent keys are skipped."""
+        fd, delete = self.fd, self._lib.bpf_map_delete_elem
+        deleted = 0
+        for key in keys:
+            result = delete(fd, key)
+            if result == 0:
+                deleted += 1
+            elif result != -errno.ENOENT:
+                check(f"bpf_map_delete_elem({self.name})", result)
+        return deleted
 
     def delete_batch(self, keys: Sequence[bytes]) -> int:
         """Delete many keys, falling back to one by one; absent keys are skipped in the fallback.
@@ -317,7 +336,7 @@ class Map:
         if result == 0:
             return int(count[0])
         if -result in _BATCH_UNSUPPORTED or result == -errno.ENOENT:
-            return sum(1 for key in keys if self.delete(key))
+            return self._delete_each(keys)
         check(f"bpf_map_delete_batch({self.name})", result)
         return int(count[0])
 

@@ -8,13 +8,15 @@ policy or wholly by the new one, never by neither.
 
 from __future__ import annotations
 
+import gc
 import glob
 import ipaddress
 import os
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +27,6 @@ import structlog
 from loaders import abi, bpffs, errors
 from loaders import cgroup as cg
 from loaders.links import Link
-from loaders.maps import Map
 from loaders.object import BpfObject
 
 log = structlog.get_logger("tool.sensors")
@@ -94,9 +95,14 @@ class KernelRuleLike(Protocol):
 class CompiledPolicyLike(Protocol):
     """What :func:`build_tables` reads from a compiled policy."""
 
-    who_classes: Sequence[Any]
-    entries: Sequence[Any]
-    defaults: Mapping[str, Mapping[str, str]]
+    @property
+    def who_classes(self) -> Sequence[Any]: ...
+
+    @property
+    def entries(self) -> Sequence[Any]: ...
+
+    @property
+    def defaults(self) -> Mapping[str, Mapping[str, str]]: ...
 
 
 @dataclass
@@ -185,6 +191,23 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
     Raises:
         TablesError: more than 64 who-classes, too many rules on one prefix, or nesting too deep.
     """
+    with _paused_gc():
+        return _build_tables(policy, cgroup_root)
+
+
+@contextmanager
+def _paused_gc() -> Iterator[None]:
+    """Pause the cyclic collector: its full passes over 100k fresh nodes cost more than building them."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
     t = KernelTables()
     classes = list(policy.who_classes)
     if len(classes) > 64:
@@ -224,13 +247,16 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
         if not t.dims_used & (1 << dim):
             t.wildcard[dim] = ~0 & 0xFFFFFFFFFFFFFFFF
 
-    groups: dict[tuple[int, int, ipaddress.IPv6Network], Node] = {}
+    # Grouped by plain ints: hashing IPv6Network objects costs more than building the whole key.
+    groups: dict[tuple[int, int, int, int], Node] = {}
+    directions = abi.DIRECTIONS
     for e in policy.entries:
-        direction = abi.DIRECTIONS[e.direction]
-        key = (direction, int(e.protocol), e.network)
+        direction = directions[e.direction]
+        net = e.network
+        key = (direction, int(e.protocol), int(net.network_address), net.prefixlen)
         node = groups.get(key)
         if node is None:
-            node = groups[key] = Node(direction, int(e.protocol), e.network)
+            node = groups[key] = Node(direction, int(e.protocol), net)
         lo, hi = e.port_lo, e.port_hi
         if direction == abi.DIR_RAW:
             # A raw rule has no port or protocol (docs/policy.md): the kernel passes the socket's
@@ -238,7 +264,8 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
             lo, hi = 0, 0xFFFF
         node.rules.append((1 << e.who_class, lo, hi, abi.ACTIONS[e.action], e.rule_id))
     for node in groups.values():
-        node.rules.sort(key=lambda r: r[4])
+        if len(node.rules) > 1:
+            node.rules.sort(key=lambda r: r[4])
         if len(node.rules) > abi.MAX_NODE_RULES:
             raise TablesError(
                 f"{len(node.rules)} rules share the destination {node.network} ({_dir_name(node.direction)}, "
@@ -258,41 +285,49 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
     return t
 
 
+def _rejected_program(libbpf_log: str) -> str | None:
+    """Name of the program the verifier refused, from libbpf's log."""
+    for line in reversed(libbpf_log.splitlines()):
+        if "libbpf: prog '" in line and ("load failed" in line or "failed to load" in line):
+            return line.split("prog '", 1)[1].split("'", 1)[0]
+    return None
+
+
 def _dir_name(direction: int) -> str:
     return {v: k for k, v in abi.DIRECTIONS.items()}[direction]
 
 
 def _link_parents(nodes: Iterable[Node]) -> None:
     """Set each node's parent_len to its nearest enclosing node of the same direction/protocol."""
+    all_ones = (1 << 128) - 1
+    masks = [all_ones ^ ((1 << (128 - plen)) - 1) if plen else 0 for plen in range(129)]
     by_group: dict[tuple[int, int], dict[tuple[int, int], Node]] = defaultdict(dict)
     for n in nodes:
         by_group[(n.direction, n.protocol)][(n.network.prefixlen, int(n.network.network_address))] = n
     for members in by_group.values():
         lengths = sorted({plen for plen, _ in members}, reverse=True)
-        for (plen, addr), node in members.items():
-            depth = 0
-            parent: Node | None = None
+        parent_of: dict[tuple[int, int], tuple[int, int]] = {}
+        for plen, addr in members:
             for candidate in lengths:
                 if candidate >= plen:
                     continue
-                mask = ((1 << 128) - 1) ^ ((1 << (128 - candidate)) - 1) if candidate else 0
-                parent = members.get((candidate, addr & mask))
-                if parent is not None:
+                parent_key = (candidate, addr & masks[candidate])
+                if parent_key in members:
+                    parent_of[(plen, addr)] = parent_key
+                    members[(plen, addr)].parent_len = abi.LPM_KEY_BITS + candidate
                     break
-            if parent is not None:
-                node.parent_len = abi.LPM_KEY_BITS + parent.network.prefixlen
-            # depth check: walk the chain
-            cur: Node | None = node
-            while cur is not None and cur.parent_len:
+        # Nesting depth: walk each chain up to its root (parent_of holds only nested nodes).
+        for start in parent_of:
+            depth = 0
+            cur: tuple[int, int] | None = start
+            while cur is not None and cur in parent_of:
                 depth += 1
                 if depth >= abi.MAX_NESTING:
                     raise TablesError(
-                        f"address {node.network} is nested in more than {abi.MAX_NESTING} other prefixes "
-                        f"of the policy; the kernel walks at most {abi.MAX_NESTING}"
+                        f"address {members[start].network} is nested in more than {abi.MAX_NESTING} other "
+                        f"prefixes of the policy; the kernel walks at most {abi.MAX_NESTING}"
                     )
-                plen_parent = cur.parent_len - abi.LPM_KEY_BITS
-                mask = ((1 << 128) - 1) ^ ((1 << (128 - plen_parent)) - 1) if plen_parent else 0
-                cur = members.get((plen_parent, int(cur.network.network_address) & mask))
+                cur = parent_of[cur]
 
 
 @dataclass
@@ -357,6 +392,8 @@ class Sensors:
         mode: str = "detect",
         flow_interval_ms: int = 1000,
         scope_tracepoints: bool | None = None,
+        bench_tgid: int = 0,
+        bench_burst: int = 256,
     ) -> Sensors:
         """Open, load and attach the sensors.
 
@@ -367,6 +404,8 @@ class Sensors:
             mode: "detect" or "prevent".
             flow_interval_ms: repeats of one flow within this window fold into counters (0: every decision is an event).
             scope_tracepoints: limit exec/exit/packet-socket tracking to the cgroup (default: when it is not the root).
+            bench_tgid: benchmarks only: each getppid() of this process emits ``bench_burst`` synthetic records.
+            bench_burst: records per getppid() of the benchmark producer.
 
         Returns:
             The attached sensors.
@@ -383,31 +422,49 @@ class Sensors:
                 "kernel BTF", 2, "this kernel was built without CONFIG_DEBUG_INFO_BTF; use a kernel with BTF"
             )
         bpffs.ensure_mounted()
-        obj = BpfObject.open(object_path)
+        tracefs_ok = True
         try:
-            obj.map("events").set_max_entries(ringbuf_bytes)
-            scoped = (path != os.path.realpath(root)) if scope_tracepoints is None else scope_tracepoints
-            if scoped:
-                rel = os.path.relpath(path, root)
-                level = len([p for p in rel.split("/") if p and p != "."])
-                obj.set_rodata("scope_cgroup_id", _U64.pack(cg.cgroup_id(path)))
-                obj.set_rodata("scope_cgroup_level", _U32.pack(level))
-            tracefs_ok = True
+            bpffs.ensure_tracefs()
+        except errors.BpfError as exc:
+            tracefs_ok = False
+            log.warning("tracefs_unavailable", error=str(exc))
+        missing: dict[str, str] = {}
+        if not tracefs_ok or not os.path.exists("/sys/kernel/tracing/events/syscalls/sys_enter_socket"):
+            missing["tool_packet_socket"] = "no tracefs syscall tracepoints: AF_PACKET sockets are not seen"
+        scoped = (path != os.path.realpath(root)) if scope_tracepoints is None else scope_tracepoints
+        # An older kernel may refuse an optional program (a helper it lacks): load again
+        # without it and say what is lost, rather than refusing to start.
+        for _attempt in range(len(CGROUP_PROGRAMS) + len(TRACE_PROGRAMS)):
+            obj = BpfObject.open(object_path)
             try:
-                bpffs.ensure_tracefs()
-            except errors.BpfError as exc:
-                tracefs_ok = False
-                log.warning("tracefs_unavailable", error=str(exc))
-            missing: dict[str, str] = {}
-            if not tracefs_ok or not os.path.exists("/sys/kernel/tracing/events/syscalls/sys_enter_socket"):
-                obj.program("tool_packet_socket").set_autoload(False)
-                missing["tool_packet_socket"] = "no tracefs syscall tracepoints: AF_PACKET sockets are not seen"
-            obj.load()
-        except BaseException:
-            obj.close()
-            raise
+                obj.map("events").set_max_entries(ringbuf_bytes)
+                if scoped:
+                    rel = os.path.relpath(path, root)
+                    level = len([p for p in rel.split("/") if p and p != "."])
+                    obj.set_rodata("scope_cgroup_id", _U64.pack(cg.cgroup_id(path)))
+                    obj.set_rodata("scope_cgroup_level", _U32.pack(level))
+                for name in missing:
+                    obj.program(name).set_autoload(False)
+                if bench_tgid:
+                    obj.set_rodata("bench_tgid", _U32.pack(bench_tgid))
+                    obj.set_rodata("bench_burst", _U32.pack(bench_burst))
+                    obj.program("tool_bench_producer").set_autoload(True)
+                obj.load()
+                break
+            except errors.VerifierError as exc:
+                obj.close()
+                rejected = _rejected_program(exc.log)
+                if rejected is None or rejected in _REQUIRED or rejected in missing:
+                    raise
+                what = CGROUP_PROGRAMS.get(rejected) or TRACE_PROGRAMS.get(rejected, rejected)
+                missing[rejected] = f"{what}: this kernel refused the program ({exc.tail.splitlines()[-1:]})"
+                log.warning("sensor_refused_by_kernel", program=rejected, what=what)
+            except BaseException:
+                obj.close()
+                raise
         self = cls(obj, path)
         self.missing.update(missing)
+        self._bench = bool(bench_tgid)
         try:
             self._configure(mode, flow_interval_ms)
             self._attach()
@@ -425,6 +482,8 @@ class Sensors:
     def _attach(self) -> None:
         self._cgroup_fd = os.open(self.cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
         for name, what in CGROUP_PROGRAMS.items():
+            if name in self.missing:
+                continue
             try:
                 self.links[name] = self.obj.program(name).attach_cgroup(self._cgroup_fd)
             except errors.BpfError as exc:
@@ -432,6 +491,8 @@ class Sensors:
                     raise
                 self.missing[name] = f"{what}: {exc}"
                 log.warning("sensor_missing", program=name, what=what, error=str(exc))
+        if getattr(self, "_bench", False):
+            self.links["tool_bench_producer"] = self.obj.program("tool_bench_producer").attach()
         for name, what in TRACE_PROGRAMS.items():
             if name in self.missing:
                 continue
@@ -519,58 +580,50 @@ class Sensors:
         self._clear_slot(slot)
         contents = self._slots[slot]
 
-        # Subjects.
-        for (dev, ino), mask in tables.exe.items():
-            k = _EXE_KEY.pack(slot, dev, ino)
-            self.maps["who_exe"].update(k, _U64.pack(mask))
-            contents.exe.append(k)
-        for uid, mask in tables.uid.items():
-            k = _ID_KEY.pack(slot, uid)
-            self.maps["who_uid"].update(k, _U64.pack(mask))
-            contents.uid.append(k)
-        for gid, mask in tables.gid.items():
-            k = _ID_KEY.pack(slot, gid)
-            self.maps["who_gid"].update(k, _U64.pack(mask))
-            contents.gid.append(k)
-        for cid, mask in tables.cgroup.items():
-            k = _CGROUP_KEY.pack(slot, 0, cid)
-            self.maps["who_cgroup"].update(k, _U64.pack(mask))
-            contents.cgroup.append(k)
-        for comm, mask in tables.comm.items():
-            k = _COMM_KEY.pack(slot, comm)
-            self.maps["who_comm"].update(k, _U64.pack(mask))
-            contents.comm.append(k)
+        # Subjects. Each slot's keys are recorded before the write, so that a failed write
+        # still leaves them to be cleared (deleting an absent key is harmless).
+        subjects: list[tuple[str, list[bytes], list[bytes]]] = [
+            ("who_exe", contents.exe, [_EXE_KEY.pack(slot, dev, ino) for dev, ino in tables.exe]),
+            ("who_uid", contents.uid, [_ID_KEY.pack(slot, uid) for uid in tables.uid]),
+            ("who_gid", contents.gid, [_ID_KEY.pack(slot, gid) for gid in tables.gid]),
+            ("who_cgroup", contents.cgroup, [_CGROUP_KEY.pack(slot, 0, cid) for cid in tables.cgroup]),
+            ("who_comm", contents.comm, [_COMM_KEY.pack(slot, comm) for comm in tables.comm]),
+        ]
+        masks = (tables.exe, tables.uid, tables.gid, tables.cgroup, tables.comm)
+        for (name, recorded, keys), by_key in zip(subjects, masks, strict=True):
+            recorded.extend(keys)
+            self.maps[name].update_batch(keys, [_U64.pack(mask) for mask in by_key.values()])
 
-        # Rules, then the nodes that point at them.
-        base = slot * abi.SLOT_RULES
-        rule_keys: list[bytes] = []
+        # Rules, then the nodes that point at them: every key and value packed in one pass.
+        pack_key, pack_value, pack_rule = _LPM_KEY.pack, _LPM_VALUE.pack, _RULE.pack
+        key_bits = abi.LPM_KEY_BITS
         rule_values: list[bytes] = []
-        node_items: list[tuple[bytes, bytes]] = []
-        nxt = base
+        node_keys: list[bytes] = []
+        node_values: list[bytes] = []
+        nxt = slot * abi.SLOT_RULES
         for node in tables.nodes:
-            node_items.append(
-                (
-                    _LPM_KEY.pack(
-                        abi.LPM_KEY_BITS + node.network.prefixlen,
-                        slot,
-                        node.direction,
-                        node.protocol,
-                        0,
-                        node.network.network_address.packed,
-                    ),
-                    _LPM_VALUE.pack(nxt, len(node.rules), node.parent_len),
+            net = node.network
+            node_keys.append(
+                pack_key(
+                    key_bits + net.prefixlen,
+                    slot,
+                    node.direction,
+                    node.protocol,
+                    0,
+                    int(net.network_address).to_bytes(16, "big"),
                 )
             )
+            node_values.append(pack_value(nxt, len(node.rules), node.parent_len))
             for who, lo, hi, action, rule_id in node.rules:
-                rule_keys.append(_U32.pack(nxt))
-                rule_values.append(_RULE.pack(who, lo, hi, action, b"\0\0\0", rule_id, 0))
-                nxt += 1
-        if rule_keys:
+                rule_values.append(pack_rule(who, lo, hi, action, b"\0\0\0", rule_id, 0))
+            nxt += len(node.rules)
+        if rule_values:
+            first = slot * abi.SLOT_RULES
+            rule_keys = [_U32.pack(i) for i in range(first, first + len(rule_values))]
             self.maps["rules"].update_batch(rule_keys, rule_values)
-        lpm = self.maps["rule_nodes"]
-        for k, v in node_items:
-            lpm.update(k, v)
-            contents.lpm.append(k)
+        contents.lpm.extend(node_keys)
+        # LPM tries have no batch update: update_batch falls back to one tight syscall loop.
+        self.maps["rule_nodes"].update_batch(node_keys, node_values)
 
         self._generation += 1
         cfg = _SLOT_CFG.pack(*tables.wildcard, self._generation, tables.defaults, tables.dims_used)
@@ -593,9 +646,7 @@ class Sensors:
             ("who_cgroup", c.cgroup),
             ("who_comm", c.comm),
         ):
-            m = self.maps[name]
-            for k in keys:
-                m.delete(k)
+            self.maps[name].delete_batch(keys)
         self._slots[slot] = _SlotContents()
 
     # ---- lifetime ----

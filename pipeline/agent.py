@@ -120,7 +120,12 @@ class Agent:
 
         self.sensors = await anyio.to_thread.run_sync(
             lambda: Sensors.load(
-                c.cgroup, ringbuf_bytes=c.ringbuf_bytes, mode=c.mode, flow_interval_ms=c.flow_interval_ms
+                c.cgroup,
+                ringbuf_bytes=c.ringbuf_bytes,
+                mode=c.mode,
+                flow_interval_ms=c.flow_interval_ms,
+                bench_tgid=c.bench_producer_tgid,
+                bench_burst=c.bench_producer_burst,
             )
         )
         try:

@@ -55,6 +55,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     audit: AuditConfig = AuditConfig()
     opentelemetry: dict[str, Any] | None = None  # see docs/opentelemetry.md; None: only OTEL_* variables
     otel_enabled: bool = False  # also enabled when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    bench_producer_tgid: int = 0  # benchmarks only: a process whose getppid() calls emit synthetic events
+    bench_producer_burst: int = 256
 
 
 class ConfigError(Exception):

@@ -238,6 +238,7 @@ def _compile(policy: LoadedPolicy) -> CompiledPolicy:
     per_key: dict[tuple[str, int, int, int], set[int]] = defaultdict(set)
     key_networks: dict[tuple[str, int, int, int], ipaddress.IPv6Network] = {}
     anyone = WhoClass(-1)
+    anyone_key = anyone.key()
     for doc in policy.documents:
         rules = doc.policy.spec.rules
         if isinstance(rules, msgspec.UnsetType):
@@ -250,7 +251,7 @@ def _compile(policy: LoadedPolicy) -> CompiledPolicy:
                 if rule.who is msgspec.UNSET
                 else who_conditions(rule.who, f"{where}: rule '{rule.name}'", warnings)
             )
-            cond_key = cond.key()
+            cond_key = anyone_key if cond is anyone else cond.key()
             cls = classes.get(cond_key)
             if cls is None:
                 cls = WhoClass(len(classes), cond.exe, cond.comm, cond.uid, cond.gid, cond.cgroup)
