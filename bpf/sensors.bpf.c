@@ -769,6 +769,16 @@ int tool_ingress(struct __sk_buff *skb)
 	__u32 flags = 0;
 	struct tcphdr th;
 
+	/* Most packets belong to established connections: only a packet for a
+	 * listening socket can be a connection attempt, so leave the rest at once
+	 * without reading any header. */
+	struct bpf_sock *sk = skb->sk;
+	if (sk) {
+		sk = bpf_sk_fullsock(sk);
+		if (sk && sk->state != BPF_TCP_LISTEN)
+			return 1;
+	}
+
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ih;
 		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)))
