@@ -113,13 +113,18 @@ def agent(tmp_path: Path) -> Iterator[RunningAgent]:
             _wait_ready(running)
             yield running
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_agent(running.proc)  # a test may have restarted it: stop the one running now
+
+
+def stop_agent(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not drain within 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Collector:
