@@ -188,6 +188,15 @@ static __always_inline void count(__u32 idx)
 		*c += 1;
 }
 
+/* Remember how full the ring buffer is (user space reports it as a gauge). */
+static __always_inline void ring_fill_sample(void)
+{
+	__u32 idx = TOOL_CNT_RB_AVAIL;
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+	if (c)
+		*c = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+}
+
 static __always_inline __u32 config_get(__u32 idx)
 {
 	__u32 *v = bpf_map_lookup_elem(&config, &idx);
@@ -563,6 +572,7 @@ static __always_inline void emit_conn(__u16 kind, struct subject *s, struct deci
 	e->repeat = repeat;
 	bpf_ringbuf_submit(e, 0);
 	count(TOOL_CNT_EVENTS);
+	ring_fill_sample();
 }
 
 static __always_inline __u8 sock_protocol(__u32 type, __u32 protocol)

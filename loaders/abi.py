@@ -45,6 +45,7 @@ COUNTERS = (
     "would_block",
     "unknown",
     "task_miss",
+    "ring_buffer_avail_bytes",  # a gauge (per CPU: take the largest), not a counter
 )
 CNT_MAX = 16
 

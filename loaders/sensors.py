@@ -517,9 +517,14 @@ class Sensors:
         out: dict[str, int] = {}
         m = self.maps["counters"]
         for i, name in enumerate(abi.COUNTERS):
-            per_cpu = m.lookup_percpu(_U32.pack(i)) or []
-            out[name] = sum(_U64.unpack_from(v)[0] for v in per_cpu)
+            per_cpu = [_U64.unpack_from(v)[0] for v in (m.lookup_percpu(_U32.pack(i)) or [])]
+            out[name] = max(per_cpu, default=0) if name == "ring_buffer_avail_bytes" else sum(per_cpu)
         return out
+
+    def ring_buffer_fill(self) -> float:
+        """How full the ring buffer was at the last event, 0..1 (a backlog the pipeline has not drained)."""
+        size = self.maps["events"].max_entries
+        return min(1.0, self.counters()["ring_buffer_avail_bytes"] / size) if size else 0.0
 
     @property
     def generation(self) -> int:

@@ -75,6 +75,7 @@ class Agent:
         self._send_event: Any = None
         self._loss_prev = {"ring_buffer_full": 0, "folded": 0, "gaps": 0}
         self.publisher: Publisher | None = None
+        self.exporter: Any = None  # pipeline.outputs.otel.OtelExporter when OpenTelemetry is on
         self.ready = anyio.Event()
 
     # ---- control ----
@@ -216,6 +217,9 @@ class Agent:
                     published=self.publisher.counters().confirmed,
                 )
                 await anyio.to_thread.run_sync(baseline.save)
+                if self.exporter is not None:
+                    self.stats.observer = None
+                    await anyio.to_thread.run_sync(self.exporter.shutdown)  # flushes metrics, logs, spans
                 await nc.flush(timeout=5)
                 await anyio.sleep(0)  # let subscribers take the last messages
                 await _settle_outputs(subs_nc)
@@ -249,7 +253,10 @@ class Agent:
         if c.otel_enabled or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or c.opentelemetry:
             from pipeline.outputs.otel import OtelExporter, run_otel
 
-            exporter = OtelExporter(c.opentelemetry, ringbuffer_fill=lambda: 0.0)
+            assert self.sensors is not None
+            exporter = OtelExporter(c.opentelemetry, ringbuffer_fill=self.sensors.ring_buffer_fill)
+            self.stats.observer = exporter.record_stage_latency
+            self.exporter = exporter
             await tg.start(run_otel, nc, exporter)
         if c.anomaly.action != "none":
             assert self.runtime is not None and self.sensors is not None

@@ -89,9 +89,13 @@ class PipelineStats:
     process_events: int = 0
     gaps: GapTracker = field(default_factory=GapTracker)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Called with (stage, seconds per batch), e.g. the OpenTelemetry stage-latency histogram.
+    observer: Callable[[str, float], None] | None = None
 
     def timed(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        if self.observer is not None:
+            self.observer(stage, seconds)
 
 
 async def kernel_source(

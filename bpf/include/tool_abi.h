@@ -79,6 +79,7 @@ enum tool_counter {
 	TOOL_CNT_WOULD_BLOCK = 5,   /* decisions: would have been refused */
 	TOOL_CNT_UNKNOWN = 6,       /* decisions taken by the default */
 	TOOL_CNT_TASK_MISS = 7,     /* connection from a process the task map did not know */
+	TOOL_CNT_RB_AVAIL = 8,      /* gauge, not a counter: bytes waiting in the ring buffer at this CPU's last event */
 	TOOL_CNT_MAX = 16,
 };
 

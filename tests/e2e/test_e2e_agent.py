@@ -517,3 +517,88 @@ def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
     assert bad["valid"] is False
     assert any("egres" in e["message"] and e["line"] > 0 for e in bad["errors"])
     assert "error" in wrong_mode and "detect" in wrong_mode["error"]
+
+
+def _start(tmp_path: Path, cgroup_path: str, config: str, env: dict[str, str] | None = None) -> RunningAgent:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(config)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    err = tmp_path / "agent.stderr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--cgroup", cgroup_path,
+         "--state-dir", str(tmp_path / "state"), "--nats-port", "0", "--policy", str(policy)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=err.open("wb"), env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    agent = RunningAgent(proc, tmp_path / "state", cgroup_path, tmp_path / "audit.log", err, policy)
+    _wait_ready(agent)
+    return agent
+
+
+def test_agent_exports_opentelemetry_to_a_real_otlp_receiver(tmp_path: Path) -> None:
+    """Decisions reach an OTLP/gRPC receiver as metrics (incl. ring buffer fill, stage latency), logs and spans."""
+    from tests.outputs.otlp_receiver import attributes, grpc_receiver
+
+    require_kernel()
+    with grpc_receiver() as (receiver, endpoint), cg.scratch_cgroup("tooltest-e2e") as path:
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_BLRP_SCHEDULE_DELAY": "200",
+        }
+        agent = _start(tmp_path, path, "audit_log: ''\n", env)
+        try:
+            agent.run_in_cgroup(CLIENT + "tcp(9)\n")
+
+            def arrived(got: Any) -> bool:
+                names = {m.name for m in got.metrics}
+                logs = [attributes(r.attributes) for r in got.logs]
+                return (
+                    {"tool.connections", "tool.ringbuffer.fill", "tool.stage.latency"} <= names
+                    and any(a.get("network.peer.port") == 9 for a in logs)
+                    and any(s.name == "connection.decision" for s in got.spans)
+                )
+
+            got = receiver.wait_for(arrived, timeout=30)
+        finally:
+            stop_agent(agent.proc)
+    log = next(attributes(r.attributes) for r in got.logs if attributes(r.attributes).get("network.peer.port") == 9)
+    assert log["tool.verdict"] == "would-block" and log["tool.rule.name"] == "no-discard"
+    stages = {
+        attributes(p.attributes).get("stage")
+        for m in got.metrics if m.name == "tool.stage.latency"
+        for p in m.histogram.data_points
+    }  # fmt: skip
+    assert {"decode", "enrich", "match", "score"} <= stages
+
+
+def test_prevent_mode_blocks_an_anomalous_destination_by_itself(tmp_path: Path) -> None:
+    """With anomaly.action block-destination, a never-seen destination gets a kernel deny and an event."""
+    require_kernel()
+    config = (
+        "mode: prevent\naudit_log: ''\n"
+        "anomaly: {threshold: 0.9, action: block-destination, warmup_observations: 0}\n"
+    )
+    with cg.scratch_cgroup("tooltest-e2e") as path:
+        agent = _start(tmp_path, path, config)
+        try:
+            collector = Collector()
+            anyio.run(lambda: _collect(agent.consumer_url(), collector,
+                                       lambda c: bool(c.matching(type="enforcement")),
+                                       action=lambda: agent.run_in_cgroup(CLIENT + "tcp(80)\n")))  # fmt: skip
+            enforcement = collector.matching(type="enforcement")[0]
+            assert enforcement["action"] == "block-destination"
+            assert enforcement["remote"] == {"address": "127.0.0.1", "port": 80}
+            assert enforcement["exe"] == os.path.realpath(sys.executable)
+            again = Collector()
+            out: list[str] = []
+            anyio.run(lambda: _collect(agent.consumer_url(), again,
+                                       lambda c: bool(c.matching(type="connection", verdict="blocked")),
+                                       action=lambda: out.append(agent.run_in_cgroup(CLIENT + "tcp(80)\n"))))  # fmt: skip
+            assert "80 errno 1" in out[0]
+            blocked = again.matching(type="connection", verdict="blocked")[0]
+            assert blocked["rule"]["name"] == "anomaly-block-1"
+        finally:
+            stop_agent(agent.proc)
