@@ -204,10 +204,11 @@ def check_sensors() -> list[Check]:
                     obj.program(name).set_autoload(False)
                 obj.load()
         except errors.VerifierError as exc:
-            name = _rejected_program(exc.log)
-            if name is None or name in skip:
+            rejected = _rejected_program(exc.log)
+            if rejected is None or rejected in skip:
                 return [*refused, Check("sensors object", FAIL, str(exc).splitlines()[0], exc.advice)]
-            skip.add(name)
+            skip.add(rejected)
+            name = rejected
             what = CGROUP_PROGRAMS.get(name) or TRACE_PROGRAMS.get(name, name)
             required = name in ("tool_connect4", "tool_connect6", "tool_sendmsg4", "tool_sendmsg6")
             refused.append(

@@ -241,7 +241,7 @@ def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
             else:
                 target, keys = t.comm, [_comm_key(c) for c in values]
             for k in keys:
-                target[k] = target.get(k, 0) | bit
+                target[k] = target.get(k, 0) | bit  # type: ignore[index, arg-type]
     # A dimension nobody conditions on must not filter anyone out.
     for dim in range(5):
         if not t.dims_used & (1 << dim):
@@ -361,6 +361,7 @@ class Sensors:
         self._active = 0
         self._generation = 0
         self._last_flip = 0.0
+        self._bench = False
         self.maps = {
             name: obj.map(name)
             for name in (
@@ -491,7 +492,7 @@ class Sensors:
                     raise
                 self.missing[name] = f"{what}: {exc}"
                 log.warning("sensor_missing", program=name, what=what, error=str(exc))
-        if getattr(self, "_bench", False):
+        if self._bench:
             self.links["tool_bench_producer"] = self.obj.program("tool_bench_producer").attach()
         for name, what in TRACE_PROGRAMS.items():
             if name in self.missing:
@@ -577,7 +578,9 @@ class Sensors:
             TablesError: the policy does not fit the maps (the running policy stays in force).
         """
         if tables.rule_entries > abi.SLOT_RULES:
-            raise TablesError(f"policy needs {tables.rule_entries} kernel rule entries; at most {abi.SLOT_RULES}")
+            raise TablesError(
+                f"policy needs {tables.rule_entries} kernel rule entries; at most {abi.SLOT_RULES}"
+            )
         wait = self._last_flip + self.SWAP_GUARD_S - time.monotonic()
         if wait > 0:
             time.sleep(wait)
@@ -594,7 +597,7 @@ class Sensors:
             ("who_cgroup", contents.cgroup, [_CGROUP_KEY.pack(slot, 0, cid) for cid in tables.cgroup]),
             ("who_comm", contents.comm, [_COMM_KEY.pack(slot, comm) for comm in tables.comm]),
         ]
-        masks = (tables.exe, tables.uid, tables.gid, tables.cgroup, tables.comm)
+        masks: tuple[dict[Any, int], ...] = (tables.exe, tables.uid, tables.gid, tables.cgroup, tables.comm)
         for (name, recorded, keys), by_key in zip(subjects, masks, strict=True):
             recorded.extend(keys)
             self.maps[name].update_batch(keys, [_U64.pack(mask) for mask in by_key.values()])

@@ -10,7 +10,7 @@ renamed or removed, within one ``version``.
 from __future__ import annotations
 
 import functools
-from typing import Literal, Union
+from typing import Literal
 
 import msgspec
 
@@ -168,7 +168,7 @@ class EnforcementEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="enf
     version: int = EVENT_VERSION
 
 
-Event = Union[ConnectionEvent, ProcessEvent, LossEvent, PolicyEvent, EnforcementEvent]
+Event = ConnectionEvent | ProcessEvent | LossEvent | PolicyEvent | EnforcementEvent
 
 SUBJECT_ROOT = "tool.events"
 

@@ -61,15 +61,15 @@ class GapTracker:
                 holes.update(range(exp, seq))
             self.expected[cpu] = seq + 1
         else:
-            holes = self.holes.get(cpu)
-            if holes is not None:
-                holes.discard(seq)
-        holes = self.holes.get(cpu)
-        if holes:
+            late = self.holes.get(cpu)
+            if late is not None:
+                late.discard(seq)
+        pending = self.holes.get(cpu)
+        if pending:
             limit = self.expected[cpu] - self.settle
-            old = [h for h in holes if h < limit]
+            old = [h for h in pending if h < limit]
             for h in old:
-                holes.discard(h)
+                pending.discard(h)
             self.lost += len(old)
 
     def settle_all(self) -> None:

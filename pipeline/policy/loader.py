@@ -228,9 +228,9 @@ def _check_structure(
     errors: list[Diagnostic] = []
     good: list[tuple[int, Rule]] = []
     spec = value.get("spec")
-    rules = spec.get("rules") if isinstance(spec, dict) else None
-    if isinstance(spec, dict) and isinstance(rules, list):
-        for index, raw_rule in enumerate(rules):
+    raw_rules = spec.get("rules") if isinstance(spec, dict) else None
+    if isinstance(spec, dict) and isinstance(raw_rules, list):
+        for index, raw_rule in enumerate(raw_rules):
             rule, problems = _convert(raw_rule, Rule, ("spec", "rules", index), file, pos)
             errors += problems
             if rule is not None:

@@ -287,7 +287,8 @@ def test_short_lived_process_is_named_by_its_executable(agent: RunningAgent) -> 
 
     def act() -> None:
         subprocess.run(
-            [curl_like, "-c", f"exec {sys.executable} -c 'import socket; socket.socket().connect_ex((\"127.0.0.1\", 7))'"],
+            [curl_like, "-c",
+             f"exec {sys.executable} -c 'import socket; socket.socket().connect_ex((\"127.0.0.1\", 7))'"],
             preexec_fn=cg.enter(agent.cgroup), check=True, timeout=30,
         )  # fmt: skip
 
@@ -564,7 +565,9 @@ def test_agent_exports_opentelemetry_to_a_real_otlp_receiver(tmp_path: Path) -> 
             got = receiver.wait_for(arrived, timeout=30)
         finally:
             stop_agent(agent.proc)
-    log = next(attributes(r.attributes) for r in got.logs if attributes(r.attributes).get("network.peer.port") == 9)
+    log = next(
+        attributes(r.attributes) for r in got.logs if attributes(r.attributes).get("network.peer.port") == 9
+    )
     assert log["tool.verdict"] == "would-block" and log["tool.rule.name"] == "no-discard"
     stages = {
         attributes(p.attributes).get("stage")
@@ -594,9 +597,13 @@ def test_prevent_mode_blocks_an_anomalous_destination_by_itself(tmp_path: Path) 
             assert enforcement["exe"] == os.path.realpath(sys.executable)
             again = Collector()
             out: list[str] = []
-            anyio.run(lambda: _collect(agent.consumer_url(), again,
-                                       lambda c: bool(c.matching(type="connection", verdict="blocked")),
-                                       action=lambda: out.append(agent.run_in_cgroup(CLIENT + "tcp(80)\n"))))  # fmt: skip
+            def act() -> None:
+                out.append(agent.run_in_cgroup(CLIENT + "tcp(80)\n"))
+
+            def blocked_seen(c: Collector) -> bool:
+                return bool(c.matching(type="connection", verdict="blocked"))
+
+            anyio.run(lambda: _collect(agent.consumer_url(), again, blocked_seen, action=act))
             assert "80 errno 1" in out[0]
             blocked = again.matching(type="connection", verdict="blocked")[0]
             assert blocked["rule"]["name"] == "anomaly-block-1"
