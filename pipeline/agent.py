@@ -229,7 +229,10 @@ class Agent:
                 try:
                     await conn.drain()
                 except Exception:
-                    await conn.close()
+                    try:
+                        await conn.close()
+                    except Exception as exc:  # the server is already gone: nothing left to flush
+                        log.warning("nats_close_failed", error=repr(exc))
 
     async def _start_outputs(
         self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents

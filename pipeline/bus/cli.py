@@ -153,8 +153,27 @@ async def events_main(
     except CredentialsError as exc:
         print(f"tool-pipeline events: {exc}", file=sys.stderr)
         return 2
+    said: set[str] = set()
+
+    async def on_error(exc: Exception) -> None:
+        # One line per kind of trouble instead of nats-py's tracebacks; it keeps reconnecting.
+        kind = type(exc).__name__
+        if kind not in said:
+            said.add(kind)
+            print(f"tool-pipeline events: NATS: {exc!r} (reconnecting)", file=sys.stderr)
+
+    async def on_reconnect() -> None:
+        said.clear()
+        print("tool-pipeline events: NATS: reconnected", file=sys.stderr)
+
     try:
-        nc = await nats.connect(url, name="tool-pipeline events", max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            url,
+            name="tool-pipeline events",
+            max_reconnect_attempts=-1,
+            error_cb=on_error,
+            reconnected_cb=on_reconnect,
+        )
     except (nats.errors.Error, OSError) as exc:
         print(f"tool-pipeline events: cannot connect to NATS: {exc!r}", file=sys.stderr)
         return 2

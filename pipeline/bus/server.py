@@ -280,6 +280,9 @@ class EmbeddedNats:
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
+                # Its own session: a Ctrl-C at the agent's terminal must not stop the server
+                # before the agent has drained its events into it; the agent stops it last.
+                start_new_session=True,
             )
         finally:
             os.close(fd)
