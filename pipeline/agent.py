@@ -46,6 +46,7 @@ from pipeline.stages import (
 
 log = structlog.get_logger("tool.agent")
 
+CONTROL_ROOT = "tool.control"  # request/reply that changes the agent: agent credentials only
 STREAM_BUFFER = 4  # batches (of at most stages.MAX_BATCH records) between stages
 EVENT_BUFFER = 8  # events or batches of events into the publisher
 
@@ -187,6 +188,10 @@ class Agent:
                 await self._start_outputs(outputs, subs_nc, callbacks)
                 api = ApiServer(nc, self._api_handlers())
                 await outputs.start(api.run)
+                # Control operations change enforcement: only the agent's (root-only) credentials
+                # may publish under tool.control.>, never a consumer.
+                control_api = ApiServer(nc, self._control_handlers(), root=CONTROL_ROOT)
+                await outputs.start(control_api.run)
 
                 async with anyio.create_task_group() as graph:
                     await graph.start(self.publisher.run)
@@ -413,6 +418,9 @@ class Agent:
         async def validate(body: bytes) -> bytes:
             return encoder.encode(await anyio.to_thread.run_sync(validate_policy_text, body))
 
+        return {"status": status, "stats": stats, "policy": policy, "policy.validate": validate}
+
+    def _control_handlers(self) -> dict[str, Any]:
         async def mode(body: bytes) -> bytes:
             want = body.decode(errors="replace").strip()
             if want not in ("detect", "prevent"):
@@ -426,14 +434,7 @@ class Agent:
             result = await self.reload_policy()
             return encoder.encode({"ok": result.ok, "generation": result.generation, "errors": result.errors})
 
-        return {
-            "status": status,
-            "stats": stats,
-            "policy": policy,
-            "policy.validate": validate,
-            "mode": mode,
-            "policy.reload": reload,
-        }
+        return {"mode": mode, "policy.reload": reload}
 
 
 def validate_policy_text(body: bytes) -> dict[str, Any]:

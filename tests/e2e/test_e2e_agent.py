@@ -60,6 +60,10 @@ class RunningAgent:
     def consumer_url(self) -> str:
         return load_credentials(self.state, "consumer").url_with_auth()
 
+    def admin_url(self) -> str:
+        """The agent's own credentials: the only ones allowed under tool.control.>."""
+        return load_credentials(self.state, "agent").url_with_auth()
+
     def run_in_cgroup(self, code: str, *, user: int | None = None, timeout: float = 60) -> str:
         """Run Python code in a child process that lives in the agent's cgroup."""
         code = textwrap.dedent(code)
@@ -249,12 +253,24 @@ def test_connections_reach_a_subscriber_with_process_identity(agent: RunningAgen
 
 
 def test_switch_to_prevent_refuses_in_the_kernel(agent: RunningAgent) -> None:
-    """Over the API, prevent mode makes the kernel refuse the denied and the unknown connection."""
+    """Over tool.control.mode (agent credentials), prevent mode makes the kernel refuse; a consumer cannot switch."""
 
-    async def switch() -> dict[str, Any]:
+    async def consumer_tries() -> str:
         nc = await nats.connect(agent.consumer_url())
         try:
-            msg = await nc.request("tool.api.mode", b"prevent", timeout=5)
+            await nc.request("tool.control.mode", b"detect", timeout=2)
+            return "answered"
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            return type(exc).__name__
+        finally:
+            await nc.close()
+
+    assert anyio.run(consumer_tries) in ("NoRespondersError", "TimeoutError")
+
+    async def switch() -> dict[str, Any]:
+        nc = await nats.connect(agent.admin_url())
+        try:
+            msg = await nc.request("tool.control.mode", b"prevent", timeout=5)
             return json.loads(msg.data)  # type: ignore[no-any-return]
         finally:
             await nc.close()
@@ -503,7 +519,6 @@ def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
                 ("tool.api.policy", b""),
                 ("tool.api.policy.validate", POLICY.encode()),
                 ("tool.api.policy.validate", POLICY.replace("egress", "egres").encode()),
-                ("tool.api.mode", b"block-everything"),
             ):
                 msg = await nc.request(subject, body, timeout=10)
                 replies.append(json.loads(msg.data))
@@ -511,7 +526,16 @@ def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
         finally:
             await nc.close()
 
-    status, policy, good, bad, wrong_mode = anyio.run(ask)
+    async def bad_mode() -> dict[str, Any]:
+        nc = await nats.connect(agent.admin_url())
+        try:
+            msg = await nc.request("tool.control.mode", b"block-everything", timeout=10)
+            return json.loads(msg.data)  # type: ignore[no-any-return]
+        finally:
+            await nc.close()
+
+    status, policy, good, bad = anyio.run(ask)
+    wrong_mode = anyio.run(bad_mode)
     assert status["mode"] == "detect" and "tool_connect4" in status["programs_attached"]
     assert [r["name"] for r in policy["rules"]] == ["loopback-web", "no-discard"]
     assert good["valid"] is True and good["rules"] == 2
