@@ -213,11 +213,12 @@ static __always_inline __u64 next_seq(void)
 	return *s;
 }
 
-static __always_inline void fill_header(struct tool_event_header *h, __u16 kind, __u16 size, __u64 seq)
+static __always_inline void fill_header(struct tool_event_header *h, __u16 kind, __u16 size, __u64 seq,
+					__u64 ts_ns)
 {
 	h->kind = kind;
 	h->size = size;
-	h->ts_ns = bpf_ktime_get_boot_ns();
+	h->ts_ns = ts_ns;
 	h->seq = seq;
 	h->cpu = bpf_get_smp_processor_id();
 	h->abi = TOOL_ABI_VERSION;
@@ -265,21 +266,24 @@ struct subject {
 	struct tool_task task;
 	__u64 exe_ino;
 	__u32 exe_dev;
-	__u32 has_exe;
+	__u16 has_exe;
+	__u16 complete; /* uid, gid, cgroup_id and comm are filled (always, outside process context) */
 };
 
-/* Fill the subject from the current task (process context). */
+/*
+ * Fill the subject from the current task (process context): only what every
+ * decision needs (the pid, and the task map's entry for the flow key). The
+ * rest (uid, gid, cgroup, comm) is read by subject_complete() when a who-class
+ * conditions on it or an event is written: a folded repeat never pays for it.
+ * Performance (docs/performance.md): every helper call costs here.
+ */
 static __always_inline void subject_current(struct subject *s)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u64 uid_gid = bpf_get_current_uid_gid();
 
 	s->task.pid = (__u32)pid_tgid;
 	s->task.tgid = pid_tgid >> 32;
-	s->task.uid = (__u32)uid_gid;
-	s->task.gid = uid_gid >> 32;
-	s->task.cgroup_id = bpf_get_current_cgroup_id();
-	bpf_get_current_comm(s->task.comm, sizeof(s->task.comm));
+	s->complete = 0;
 
 	__u32 tgid = s->task.tgid;
 	struct tool_task_info *ti = bpf_map_lookup_elem(&tasks, &tgid);
@@ -292,6 +296,19 @@ static __always_inline void subject_current(struct subject *s)
 	} else {
 		count(TOOL_CNT_TASK_MISS);
 	}
+}
+
+/* The rest of a process-context subject (same syscall, same task: same values). */
+static __always_inline void subject_complete(struct subject *s)
+{
+	if (s->complete)
+		return;
+	__u64 uid_gid = bpf_get_current_uid_gid();
+	s->task.uid = (__u32)uid_gid;
+	s->task.gid = uid_gid >> 32;
+	s->task.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(s->task.comm, sizeof(s->task.comm));
+	s->complete = 1;
 }
 
 static __always_inline __u64 dim_mask(void *map, void *key, __u64 wildcard)
@@ -311,6 +328,9 @@ static __always_inline __u64 who_mask(__u32 slot, struct tool_slot_cfg *cfg, str
 {
 	__u64 mask = ~0ULL;
 	__u32 used = cfg->dims_used;
+
+	if (used & ((1 << TOOL_DIM_UID) | (1 << TOOL_DIM_GID) | (1 << TOOL_DIM_COMM)))
+		subject_complete(s);
 
 	if (used & (1 << TOOL_DIM_EXE)) {
 		struct tool_exe_key k = { .slot = slot, .dev = s->exe_dev, .ino = s->exe_ino };
@@ -359,21 +379,14 @@ struct decision {
 	__u8 unknown;
 };
 
-/* Per-CPU scratch space: the rule walk is a global function (verified once for
- * the whole object rather than once per program), and global functions take
- * only scalars, so the address and the subject's classes travel through here. */
-struct walk_scratch {
-	__u8 addr[16];
-	__u64 who;
-	__u32 slot;
-	__u32 _pad0;
-};
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct walk_scratch);
-} scratch SEC(".maps");
+/* The rule walk is a global function (verified once for the whole object rather
+ * than once per program), and global functions take only scalars (on every
+ * kernel since 5.8), so the query travels in four of them: the selector packs
+ * slot, direction, protocol and port, the address is two u64 halves, then the
+ * subject's classes. (A per-CPU scratch map carried them before: its lookups
+ * cost about 100 ns per decision, see docs/performance.md.) */
+#define WALK_SEL(slot, direction, protocol, port)                                               \
+	((__u64)(slot) | ((__u64)(direction) << 8) | ((__u64)(protocol) << 16) | ((__u64)(port) << 32))
 
 #define WALK_RESULT(action, id) (((__u64)(action) << 32) | (__u32)(id))
 
@@ -400,25 +413,22 @@ __noinline __u64 tool_node_scan(__u32 first, __u32 count, __u64 who, __u32 port)
 }
 
 /*
- * Walk the LPM nodes that contain the scratch address, from the most specific
+ * Walk the LPM nodes that contain the address, from the most specific
  * outwards, keeping the best rule. The walk never stops early on a deny: an
  * enclosing node may hold a deny with a lower rule id, and ties go to the lowest
  * id (docs/policy.md), so every enclosing node must be scanned.
  */
-__noinline __u64 tool_rule_walk(__u32 direction, __u32 protocol, __u32 port)
+__noinline __u64 tool_rule_walk(__u64 sel, __u64 addr_lo, __u64 addr_hi, __u64 who)
 {
-	__u32 zero = 0;
-	struct walk_scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
-	if (!sc)
-		return 0;
 	struct tool_lpm_key key = {
 		.prefixlen = TOOL_LPM_KEY_BITS + 128,
-		.slot = sc->slot,
-		.direction = direction,
-		.protocol = protocol,
+		.slot = (__u8)sel,
+		.direction = (__u8)(sel >> 8),
+		.protocol = (__u8)(sel >> 16),
 	};
-	__builtin_memcpy(key.addr, sc->addr, 16);
-	__u64 who = sc->who;
+	__u32 port = (__u16)(sel >> 32);
+	__builtin_memcpy(key.addr, &addr_lo, 8);
+	__builtin_memcpy(key.addr + 8, &addr_hi, 8);
 	__u32 best = TOOL_ACT_NONE, best_id = 0;
 
 	for (int n = 0; n < TOOL_MAX_NESTING; n++) {
@@ -453,16 +463,13 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
 
 	struct tool_slot_cfg *cfg = bpf_map_lookup_elem(&slot_cfg, &slot);
 	if (cfg && cfg->generation) {
-		__u32 zero = 0;
-		struct walk_scratch *sc = bpf_map_lookup_elem(&scratch, &zero);
-		if (sc) {
-			sc->who = who_mask(slot, cfg, s, skb);
-			sc->slot = slot;
-			__builtin_memcpy(sc->addr, addr, 16);
-			__u64 r = tool_rule_walk(direction, protocol, port);
-			best = r >> 32;
-			best_id = (__u32)r;
-		}
+		__u64 who = who_mask(slot, cfg, s, skb);
+		__u64 addr_lo, addr_hi;
+		__builtin_memcpy(&addr_lo, addr, 8);
+		__builtin_memcpy(&addr_hi, addr + 8, 8);
+		__u64 r = tool_rule_walk(WALK_SEL(slot, direction, protocol, port), addr_lo, addr_hi, who);
+		best = r >> 32;
+		best_id = (__u32)r;
 		d->generation = cfg->generation;
 	}
 
@@ -501,7 +508,7 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
  * event, or -1 when this decision is folded into the flow's counter.
  */
 static __always_inline long flow_fold(struct subject *s, struct decision *d, __u8 direction, __u8 protocol,
-				      const __u8 addr[16], __u16 port)
+				      const __u8 addr[16], __u16 port, __u64 now)
 {
 	struct tool_flow_key k = {
 		.tgid = s->task.tgid,
@@ -511,7 +518,6 @@ static __always_inline long flow_fold(struct subject *s, struct decision *d, __u
 		.exec_id = s->task.exec_id,
 	};
 	__builtin_memcpy(k.addr, addr, 16);
-	__u64 now = bpf_ktime_get_boot_ns();
 	__u64 window = (__u64)config_get(TOOL_CFG_FLOW_INTERVAL_MS) * 1000000ULL;
 	__u32 decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff);
 
@@ -543,15 +549,16 @@ static __always_inline long flow_fold(struct subject *s, struct decision *d, __u
 static __always_inline void emit_conn(__u16 kind, struct subject *s, struct decision *d, __u32 flags,
 				      __u16 family, __u8 protocol, __u8 sock_type, __u8 direction,
 				      const __u8 local[16], __u16 lport, const __u8 remote[16], __u16 rport,
-				      __u64 netns_cookie, __u64 sock_cookie, __u32 repeat)
+				      __u64 netns_cookie, __u64 sock_cookie, __u32 repeat, __u64 now)
 {
+	subject_complete(s);
 	__u64 seq = next_seq();
 	struct tool_conn_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		count(TOOL_CNT_RB_FULL);
 		return;
 	}
-	fill_header(&e->hdr, kind, sizeof(*e), seq);
+	fill_header(&e->hdr, kind, sizeof(*e), seq, now);
 	e->hdr.flags = flags | (d->unknown ? TOOL_F_UNKNOWN : 0);
 	e->task = s->task;
 	e->netns_cookie = netns_cookie;
@@ -609,14 +616,15 @@ static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, __u16 kind, _
 	subject_current(&s);
 	decide(&d, &s, direction, proto, remote, port, NULL);
 
-	long repeat = flow_fold(&s, &d, direction, proto, remote, port);
+	__u64 now = bpf_ktime_get_boot_ns();
+	long repeat = flow_fold(&s, &d, direction, proto, remote, port, now);
 	if (repeat >= 0) {
 		if (direction == TOOL_DIR_LISTEN)
 			emit_conn(kind, &s, &d, flags, ctx->user_family, proto, ctx->type, direction, remote, port,
-				  local, 0, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat);
+				  local, 0, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat, now);
 		else
 			emit_conn(kind, &s, &d, flags, ctx->user_family, proto, ctx->type, direction, local, 0,
-				  remote, port, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat);
+				  remote, port, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat, now);
 	}
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
@@ -662,6 +670,7 @@ static __always_inline int on_post_bind(struct bpf_sock *sk)
 {
 	struct subject s = {};
 	subject_current(&s);
+	subject_complete(&s);
 
 	struct tool_listener l = { .task = s.task, .exe_ino = s.exe_ino, .exe_dev = s.exe_dev };
 	__u8 proto = sock_protocol(sk->type, sk->protocol);
@@ -704,10 +713,11 @@ int tool_sock_create(struct bpf_sock *sk)
 
 	subject_current(&s);
 	decide(&d, &s, TOOL_DIR_RAW, 0, none, proto, NULL);
-	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto);
+	__u64 now = bpf_ktime_get_boot_ns();
+	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, 0, sk->family, (__u8)proto, SOCK_RAW, TOOL_DIR_RAW, none, 0,
-			  none, proto, bpf_get_netns_cookie(sk), bpf_get_socket_cookie(sk), repeat);
+			  none, proto, bpf_get_netns_cookie(sk), bpf_get_socket_cookie(sk), repeat, now);
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
 
@@ -741,10 +751,11 @@ int tool_packet_socket(struct sys_enter_socket_args *args)
 		bpf_send_signal(SIGKILL);
 		flags |= TOOL_F_KILLED;
 	}
-	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto);
+	__u64 now = bpf_ktime_get_boot_ns();
+	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, flags, AF_PACKET, 0, (__u8)(args->type & 0xf), TOOL_DIR_RAW,
-			  none, 0, none, proto, 0, 0, repeat);
+			  none, 0, none, proto, 0, 0, repeat, now);
 	return 0;
 }
 
@@ -822,7 +833,7 @@ int tool_ingress(struct __sk_buff *skb)
 	rport = bpf_ntohs(th.source);
 	lport = bpf_ntohs(th.dest);
 
-	struct subject s = {};
+	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
 	struct decision d = {};
 	__u64 netns = bpf_get_netns_cookie(skb);
 	if (!listener_subject(&s, bpf_get_socket_cookie(skb), netns, lport, IPPROTO_TCP)) {
@@ -844,10 +855,11 @@ int tool_ingress(struct __sk_buff *skb)
 	}
 	if (d.verdict != TOOL_VERDICT_BLOCK)
 		bpf_map_update_elem(&inbound_decisions, &ik, &id, BPF_ANY);
-	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport);
+	__u64 now = bpf_ktime_get_boot_ns();
+	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_INBOUND, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
-			  lport, remote, rport, netns, 0, repeat);
+			  lport, remote, rport, netns, 0, repeat, now);
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
 
@@ -881,7 +893,7 @@ int tool_sockops(struct bpf_sock_ops *ops)
 	__u16 lport = (__u16)ops->local_port;
 	__u16 rport = (__u16)bpf_ntohl(ops->remote_port); /* be16 in the upper half */
 
-	struct subject s = {};
+	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
 	struct decision d = { .verdict = TOOL_VERDICT_ALLOW, .action = TOOL_ACT_ALLOW, .unknown = 1 };
 	__u64 netns = bpf_get_netns_cookie(ops);
 	listener_subject(&s, 0, netns, lport, IPPROTO_TCP);
@@ -899,10 +911,11 @@ int tool_sockops(struct bpf_sock_ops *ops)
 	__u32 mode = config_get(TOOL_CFG_MODE);
 	d.mode = mode == TOOL_MODE_PREVENT ? TOOL_MODE_PREVENT : TOOL_MODE_DETECT;
 
-	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport);
+	__u64 now = bpf_ktime_get_boot_ns();
+	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_ACCEPT, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
-			  lport, remote, rport, netns, bpf_get_socket_cookie(ops), repeat);
+			  lport, remote, rport, netns, bpf_get_socket_cookie(ops), repeat, now);
 	return 1;
 }
 
@@ -918,7 +931,7 @@ static __always_inline void emit_task_event(__u16 kind, struct task_struct *p, s
 		return;
 	}
 	__u64 uid_gid = bpf_get_current_uid_gid();
-	fill_header(&e->hdr, kind, sizeof(*e), seq);
+	fill_header(&e->hdr, kind, sizeof(*e), seq, bpf_ktime_get_boot_ns());
 	e->hdr.flags = 0;
 	e->task.pid = BPF_CORE_READ(p, pid);
 	e->task.tgid = BPF_CORE_READ(p, tgid);
@@ -1026,12 +1039,13 @@ static long bench_emit(__u32 i, void *unused)
 	};
 	__u8 remote[16], local[16] = {};
 
+	s.complete = 1;
 	s.task.pid = bench_tgid;
 	s.task.tgid = bench_tgid;
 	__builtin_memcpy(s.task.comm, "bench", 6);
 	v4_mapped(remote, bpf_htonl(0x0a000000 | (i & 0xffff)));
 	emit_conn(TOOL_EV_CONNECT, &s, &d, TOOL_F_V4, AF_INET, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_EGRESS, local, 0,
-		  remote, 443, 0, 0, 0);
+		  remote, 443, 0, 0, 0, bpf_ktime_get_boot_ns());
 	return 0;
 }
 
