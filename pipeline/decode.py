@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, cast
 
 from loaders import abi
 
@@ -114,6 +116,26 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+# A thread sends many records in a row: its Task is built once and shared (tuples are immutable).
+_task_cache: dict[tuple[object, ...], Task] = {}
+# NamedTuple construction through the generated __new__ (or ``_make``) costs a Python call
+# per record; tuple.__new__ bound with functools.partial builds the same object in C.
+_new_task = cast(Callable[[tuple[object, ...]], Task], functools.partial(tuple.__new__, Task))
+_new_conn = cast(Callable[[tuple[object, ...]], ConnRecord], functools.partial(tuple.__new__, ConnRecord))
+
+
+def _task(f: tuple[object, ...]) -> Task:
+    """The Task of an unpacked record (fields 7 to 15 of both layouts), cached."""
+    key = f[7:16]
+    task = _task_cache.get(key)
+    if task is None:
+        task = _new_task((f[7], f[8], f[9], f[10], f[11], f[13], f[14], _comm(f[15])))  # type: ignore[arg-type]
+        if len(_task_cache) > 16384:
+            _task_cache.clear()
+        _task_cache[key] = task
+    return task
+
+
 def decode(data: bytes) -> Record:
     """Decode one ring-buffer record.
 
@@ -129,12 +151,13 @@ def decode(data: bytes) -> Record:
         f = _CONN.unpack_from(data)
         if f[6] != abi.ABI_VERSION:
             raise DecodeError(f"record ABI version {f[6]}, this agent speaks {abi.ABI_VERSION}")
-        return ConnRecord(
-            f[0], f[2], f[3], f[4], f[5],
-            Task(f[7], f[8], f[9], f[10], f[11], f[13], f[14], _comm(f[15])),
+        # Cache hits inline (a call per field costs as much as the unpacking).
+        addrs = _addr_cache
+        return _new_conn((
+            f[0], f[2], f[3], f[4], f[5], _task_cache.get(f[7:16]) or _task(f),
             f[16], f[17], f[18], f[19], f[20], f[21], f[22], f[23], f[24], f[25], f[26],
-            addr_text(f[27]), addr_text(f[28]), f[29], f[30], f[31],
-        )  # fmt: skip
+            addrs.get(f[27]) or addr_text(f[27]), addrs.get(f[28]) or addr_text(f[28]), f[29], f[30], f[31],
+        ))  # fmt: skip
     if kind in (abi.EV_EXEC, abi.EV_EXIT):
         if len(data) < _EXEC.size:
             raise DecodeError(f"exec record of {len(data)} bytes, expected {_EXEC.size}")
@@ -146,7 +169,7 @@ def decode(data: bytes) -> Record:
         args = [a.decode("utf-8", "replace") for a in args_raw.rstrip(b"\0").split(b"\0")] if args_raw else []
         return ExecRecord(
             f[0], f[2], f[3], f[4], f[5],
-            Task(f[7], f[8], f[9], f[10], f[11], f[13], f[14], _comm(f[15])),
+            _task(f),
             f[16], f[17], f[18], filename, args,
         )  # fmt: skip
     raise DecodeError(f"unknown record kind {kind}")

@@ -5,6 +5,11 @@ field is ``type``. The JSON Schema in docs/ is generated from these types
 (``tool-pipeline schema events``, ``python -m pipeline.bus.schema``), so this module is the single source of
 truth for consumers. Fields are only ever added (with defaults), never
 renamed or removed, within one ``version``.
+
+The structs are declared with ``gc=False``: they never take part in a reference
+cycle, and keeping tens of thousands of them per second out of the cyclic
+garbage collector's bookkeeping is one of the pipeline's larger savings. This
+does not change their JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ Mode = Literal["detect", "prevent"]
 ConnectionKind = Literal["connect", "sendmsg", "inbound", "accept", "bind", "socket"]
 
 
-class Endpoint(msgspec.Struct, frozen=True, omit_defaults=True):
+class Endpoint(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """One end of a connection."""
 
     address: str
@@ -30,7 +35,7 @@ class Endpoint(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str | None = None  # DNS name, where known
 
 
-class Ancestor(msgspec.Struct, frozen=True, omit_defaults=True):
+class Ancestor(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """A parent in the process chain."""
 
     pid: int
@@ -38,7 +43,7 @@ class Ancestor(msgspec.Struct, frozen=True, omit_defaults=True):
     comm: str | None = None
 
 
-class Process(msgspec.Struct, frozen=True, omit_defaults=True):
+class Process(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """The process that made or owns the connection."""
 
     pid: int  # process id (tgid)
@@ -54,7 +59,7 @@ class Process(msgspec.Struct, frozen=True, omit_defaults=True):
     ancestors: list[Ancestor] = []
 
 
-class Cgroup(msgspec.Struct, frozen=True, omit_defaults=True):
+class Cgroup(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """Where the process lives."""
 
     id: int
@@ -63,7 +68,7 @@ class Cgroup(msgspec.Struct, frozen=True, omit_defaults=True):
     container_id: str | None = None
 
 
-class RuleRef(msgspec.Struct, frozen=True, omit_defaults=True):
+class RuleRef(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """The policy entry that decided, or the default."""
 
     id: int  # 0 = no rule matched (the default decided)
@@ -72,14 +77,14 @@ class RuleRef(msgspec.Struct, frozen=True, omit_defaults=True):
     explanation: str = ""
 
 
-class Anomaly(msgspec.Struct, frozen=True, omit_defaults=True):
+class Anomaly(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
     """How unusual this connection is for its executable (0 = seen often, 1 = never seen)."""
 
     score: float
     reasons: list[str] = []
 
 
-class ConnectionEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="connection", tag_field="type"):
+class ConnectionEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag="connection", tag_field="type"):
     """A decision on a connection, a listener or a raw socket."""
 
     id: str
@@ -105,7 +110,7 @@ class ConnectionEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="conn
     version: int = EVENT_VERSION
 
 
-class ProcessEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="process", tag_field="type"):
+class ProcessEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag="process", tag_field="type"):
     """A process executed a program or exited."""
 
     id: str
@@ -120,7 +125,7 @@ class ProcessEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="process
     version: int = EVENT_VERSION
 
 
-class LossEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="loss", tag_field="type"):
+class LossEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag="loss", tag_field="type"):
     """Periodic account of everything not delivered one event per decision.
 
     Counters are totals since the agent started; ``*_delta`` since the previous report.
@@ -139,7 +144,7 @@ class LossEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="loss", tag
     version: int = EVENT_VERSION
 
 
-class PolicyEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="policy", tag_field="type"):
+class PolicyEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag="policy", tag_field="type"):
     """A policy was loaded into the kernel, or rejected (the previous one stays in force)."""
 
     id: str
@@ -154,7 +159,7 @@ class PolicyEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="policy",
     version: int = EVENT_VERSION
 
 
-class EnforcementEvent(msgspec.Struct, frozen=True, omit_defaults=True, tag="enforcement", tag_field="type"):
+class EnforcementEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag="enforcement", tag_field="type"):
     """The enforcement stage acted on an event (for example blocked an anomalous destination)."""
 
     id: str
@@ -173,6 +178,9 @@ Event = ConnectionEvent | ProcessEvent | LossEvent | PolicyEvent | EnforcementEv
 SUBJECT_ROOT = "tool.events"
 
 
+_connection_subjects: dict[tuple[str, str, str], str] = {}  # (host, direction, verdict) -> subject
+
+
 @functools.lru_cache(maxsize=4096)
 def host_token(host: str) -> str:
     """Make a host name usable as one NATS subject token."""
@@ -188,9 +196,16 @@ def subject_for(event: Event) -> str:
     ``tool.events.<host>.policy.<loaded|rejected>``,
     ``tool.events.<host>.enforcement.<action>``.
     """
-    host = host_token(event.host)
     if isinstance(event, ConnectionEvent):
-        return f"{SUBJECT_ROOT}.{host}.connection.{event.direction}.{event.verdict}"
+        key = (event.host, event.direction, event.verdict)
+        subject = _connection_subjects.get(key)
+        if subject is None:
+            subject = f"{SUBJECT_ROOT}.{host_token(event.host)}.connection.{event.direction}.{event.verdict}"
+            if len(_connection_subjects) > 1024:
+                _connection_subjects.clear()
+            _connection_subjects[key] = subject
+        return subject
+    host = host_token(event.host)
     if isinstance(event, ProcessEvent):
         return f"{SUBJECT_ROOT}.{host}.process.{event.kind}"
     if isinstance(event, LossEvent):

@@ -9,8 +9,10 @@ every record it could not queue.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import anyio
 import structlog
@@ -20,12 +22,18 @@ from loaders import RingBuffer, abi, wait_readable
 from pipeline import decode as dec
 from pipeline.enrich import CgroupNames, ProcessTable, UserNames, process_of
 from pipeline.events import (
+    Anomaly,
+    Cgroup,
     ConnectionEvent,
+    ConnectionKind,
+    Direction,
     Endpoint,
     Event,
+    Mode,
     Process,
     ProcessEvent,
     RuleRef,
+    Verdict,
 )
 from pipeline.score import Baseline
 
@@ -46,37 +54,62 @@ class GapTracker:
 
     settle: int = 4096
     expected: dict[int, int] = field(default_factory=dict)
-    holes: dict[int, set[int]] = field(default_factory=dict)
+    # Per CPU, the open holes as ranges [start, end) in the order they opened, and the
+    # late records that filled some of them. A lost record costs nothing until its range
+    # settles (a set of every hole, scanned on every record, once cost more than the rest
+    # of the pipeline while the ring buffer overflowed).
+    opened: dict[int, deque[tuple[int, int]]] = field(default_factory=dict)
+    filled: dict[int, set[int]] = field(default_factory=dict)
     lost: int = 0
 
     def see(self, cpu: int, seq: int) -> None:
         exp = self.expected.get(cpu)
+        if seq == exp and cpu not in self.opened:  # the common case: in order, nothing open
+            self.expected[cpu] = seq + 1
+            return
         if exp is None or seq == exp:
             self.expected[cpu] = seq + 1
         elif seq > exp:
-            holes = self.holes.setdefault(cpu, set())
             if seq - exp > self.settle:
                 self.lost += seq - exp
             else:
-                holes.update(range(exp, seq))
+                self.opened.setdefault(cpu, deque()).append((exp, seq))
             self.expected[cpu] = seq + 1
         else:
-            late = self.holes.get(cpu)
-            if late is not None:
-                late.discard(seq)
-        pending = self.holes.get(cpu)
-        if pending:
-            limit = self.expected[cpu] - self.settle
-            old = [h for h in pending if h < limit]
-            for h in old:
-                pending.discard(h)
-            self.lost += len(old)
+            ranges = self.opened.get(cpu)
+            if ranges and any(start <= seq < end for start, end in ranges):  # rare: a late record
+                self.filled.setdefault(cpu, set()).add(seq)
+        ranges = self.opened.get(cpu)
+        if ranges:
+            self._settle(cpu, ranges, self.expected[cpu] - self.settle)
+
+    def _settle(self, cpu: int, ranges: deque[tuple[int, int]], limit: int) -> None:
+        """Count the holes of ``cpu`` older than ``limit`` as lost."""
+        while ranges and ranges[0][0] < limit:
+            start, end = ranges.popleft()
+            stop = min(end, limit)
+            self.lost += stop - start - self._take_filled(cpu, start, stop)
+            if stop < end:
+                ranges.appendleft((stop, end))
+                return
+        if not ranges:
+            del self.opened[cpu]
+            self.filled.pop(cpu, None)
+
+    def _take_filled(self, cpu: int, start: int, stop: int) -> int:
+        filled = self.filled.get(cpu)
+        if not filled:
+            return 0
+        late = [seq for seq in filled if start <= seq < stop]
+        filled.difference_update(late)
+        return len(late)
 
     def settle_all(self) -> None:
         """Count every open hole as lost (at shutdown, or when the stream has been quiet)."""
-        for holes in self.holes.values():
-            self.lost += len(holes)
-            holes.clear()
+        for cpu, ranges in self.opened.items():
+            self.lost += sum(end - start for start, end in ranges) - len(self.filled.get(cpu, ()))
+        self.opened.clear()
+        self.filled.clear()
 
 
 @dataclass
@@ -96,6 +129,20 @@ class PipelineStats:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
         if self.observer is not None:
             self.observer(stage, seconds)
+
+
+async def _send_drained(pending: list[bytes], send: ObjectSendStream[Batch[bytes]]) -> None:
+    """Send ``pending`` on in batches of at most MAX_BATCH, then empty it.
+
+    Slices and one clear at the end: deleting each batch from the front of a drain of
+    tens of thousands of records would move the rest of the list once per batch.
+    """
+    start = 0
+    while start < len(pending):  # re-read: records appended meanwhile are sent too
+        batch = pending[start : start + MAX_BATCH]
+        start += len(batch)
+        await send.send(batch)
+    pending.clear()
 
 
 async def kernel_source(
@@ -122,15 +169,9 @@ async def kernel_source(
                 # Hand on at most MAX_BATCH records at a time: with bounded streams
                 # downstream, a backlog stays in the kernel's ring buffer (where overflow
                 # is counted), not in this process's memory.
-                while pending:
-                    batch = pending[:MAX_BATCH]
-                    del pending[:MAX_BATCH]
-                    await send.send(batch)
+                await _send_drained(pending, send)
             rb.consume()
-            while pending:
-                batch = pending[:MAX_BATCH]
-                del pending[:MAX_BATCH]
-                await send.send(batch)
+            await _send_drained(pending, send)
     finally:
         rb.close()
 
@@ -162,7 +203,7 @@ async def decode_stage(
             await send.send(out)
 
 
-@dataclass
+@dataclass(slots=True)
 class Enriched:
     """A record on its way through enrich -> match -> score."""
 
@@ -180,6 +221,8 @@ class Enricher:
         self.users = UserNames()
         self.cgroups = CgroupNames(cgroup_root)
         self._procs: dict[tuple[int, int, int, int, str], Process] = {}
+        # Complete identities by the decoder's (shared) Task: one dict hit per record.
+        self._hot: dict[dec.Task, tuple[Process, Cgroup]] = {}
 
     def process(self, t: dec.Task) -> Process:
         key = (t.tgid, t.exec_id, t.uid, t.gid, t.comm)
@@ -199,11 +242,23 @@ class Enricher:
                 self.table.on_exec(t.tgid, t.exec_id, t.ppid, rec.filename, rec.args, t.comm, rec.exe_ino)
                 for key in [k for k in self._procs if k[0] == t.tgid]:
                     del self._procs[key]
+                for task in [k for k in self._hot if k.tgid == t.tgid]:
+                    del self._hot[task]
             proc = self.process(t)
             if rec.kind == abi.EV_EXIT:
                 self.table.on_exit(t.tgid, t.exec_id)
             return Enriched(rec, proc, self.cgroups.get(t.cgroup_id))
-        return Enriched(rec, self.process(rec.task), self.cgroups.get(rec.task.cgroup_id))
+        t = rec.task
+        hot = self._hot.get(t)
+        if hot is not None:
+            return Enriched(rec, hot[0], hot[1])
+        proc = self.process(t)
+        cgroup = self.cgroups.get(t.cgroup_id)
+        if proc.exe is not None and cgroup.path is not None:  # only cache complete identities
+            if len(self._hot) > 16384:
+                self._hot.clear()
+            self._hot[t] = (proc, cgroup)
+        return Enriched(rec, proc, cgroup)
 
 
 async def enrich_stage(
@@ -239,6 +294,7 @@ async def match_stage(
 ) -> None:
     """Name the policy entry that decided each connection and explain it in one line."""
     cache: dict[tuple[int, int], RuleRef] = {}
+    defaults: dict[tuple[int, int, int], RuleRef] = {}  # (mode, direction, action) -> "no rule matched"
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
@@ -247,7 +303,11 @@ async def match_stage(
                 if not isinstance(rec, dec.ConnRecord):
                     continue
                 if rec.rule_id == 0:
-                    item.rule = RuleRef(id=0, explanation=_default_explanation(rec))
+                    dkey = (rec.mode, rec.direction, rec.action)
+                    default = defaults.get(dkey)
+                    if default is None:
+                        default = defaults[dkey] = RuleRef(id=0, explanation=_default_explanation(rec))
+                    item.rule = default
                     continue
                 key = (rec.rule_id, rec.policy_gen)
                 ref = cache.get(key)
@@ -262,6 +322,22 @@ async def match_stage(
             await send.send(batch)
 
 
+Family = Literal["ipv4", "ipv6", "packet"]
+
+
+class _ConnTexts(NamedTuple):
+    """The text fields of a connection event that depend only on the kernel's enums and flags."""
+
+    kind: ConnectionKind
+    direction: Direction
+    protocol: str
+    family: Family
+    verdict: Verdict
+    mode: Mode
+    known: bool
+    v4: bool
+
+
 class EventBuilder:
     """Turns enriched records into the published event types."""
 
@@ -269,39 +345,93 @@ class EventBuilder:
         self.host = host
         self.instance = instance
         self.boot_offset_ns = boot_offset_ns  # wall clock minus CLOCK_BOOTTIME
+        # Per-event work is kept to dict hits: the id prefix per CPU, the text fields per
+        # combination of kernel enums, endpoints and rule references are shared.
+        self._id_prefix: dict[int, str] = {}
+        self._texts: dict[tuple[int, int, int, int, int, int], _ConnTexts] = {}
+        self._endpoints: dict[tuple[str, int], Endpoint] = {}
+        self._bare_rules: dict[int, RuleRef] = {}
 
     def _id(self, cpu: int, seq: int) -> str:
-        return f"{self.instance}-{cpu}-{seq}"
+        prefix = self._id_prefix.get(cpu)
+        if prefix is None:
+            prefix = self._id_prefix[cpu] = f"{self.instance}-{cpu}-"
+        return f"{prefix}{seq}"
 
-    def connection(self, item: Enriched, anomaly: object) -> ConnectionEvent:
+    def _conn_texts(self, rec: dec.ConnRecord) -> _ConnTexts:
+        key = (rec.kind, rec.direction, rec.protocol, rec.flags, rec.verdict, rec.mode)
+        texts = self._texts.get(key)
+        if texts is None:
+            v4 = bool(rec.flags & abi.F_V4)
+            texts = _ConnTexts(
+                dec.KIND_NAMES[rec.kind],  # type: ignore[arg-type]
+                dec.DIRECTION_NAMES.get(rec.direction, "egress"),  # type: ignore[arg-type]
+                dec.PROTOCOL_NAMES.get(rec.protocol, str(rec.protocol)),
+                "packet" if rec.flags & abi.F_PACKET else ("ipv4" if v4 else "ipv6"),
+                dec.VERDICT_NAMES.get(rec.verdict, "allowed"),  # type: ignore[arg-type]
+                dec.MODE_NAMES.get(rec.mode, "detect"),  # type: ignore[arg-type]
+                not rec.flags & abi.F_UNKNOWN,
+                v4,
+            )
+            if len(self._texts) > 4096:
+                self._texts.clear()
+            self._texts[key] = texts
+        return texts
+
+    def _endpoint(self, address: str, port: int) -> Endpoint:
+        key = (address, port)
+        ep = self._endpoints.get(key)
+        if ep is None:
+            if len(self._endpoints) > 65536:
+                self._endpoints.clear()
+            ep = self._endpoints[key] = Endpoint(address, port)
+        return ep
+
+    def connection(self, item: Enriched, anomaly: Anomaly | None) -> ConnectionEvent:
         rec = item.rec
         assert isinstance(rec, dec.ConnRecord)
-        v4 = bool(rec.flags & abi.F_V4)
-        family = "packet" if rec.flags & abi.F_PACKET else ("ipv4" if v4 else "ipv6")
+        texts = self._texts.get((rec.kind, rec.direction, rec.protocol, rec.flags, rec.verdict, rec.mode))
+        if texts is None:
+            texts = self._conn_texts(rec)
         local = rec.local_addr
-        if v4 and local == "::":
+        if texts.v4 and local == "::":
             local = "0.0.0.0"
+        rule = item.rule
+        if rule is None:
+            rule = self._bare_rules.get(rec.rule_id)
+            if rule is None:
+                if len(self._bare_rules) > 65536:
+                    self._bare_rules.clear()
+                rule = self._bare_rules[rec.rule_id] = RuleRef(id=rec.rule_id)
+        endpoints = self._endpoints
+        local_ep = endpoints.get((local, rec.local_port)) or self._endpoint(local, rec.local_port)
+        remote_ep = endpoints.get((rec.remote_addr, rec.remote_port)) or self._endpoint(
+            rec.remote_addr, rec.remote_port
+        )
+        prefix = self._id_prefix.get(rec.cpu)
+        event_id = f"{prefix}{rec.seq}" if prefix is not None else self._id(rec.cpu, rec.seq)
+        # Positional, in field order (msgspec checks the count; the tests check the JSON).
         return ConnectionEvent(
-            id=self._id(rec.cpu, rec.seq),
-            time_ns=rec.ts_ns + self.boot_offset_ns,
-            host=self.host,
-            kind=dec.KIND_NAMES[rec.kind],  # type: ignore[arg-type]
-            direction=dec.DIRECTION_NAMES.get(rec.direction, "egress"),  # type: ignore[arg-type]
-            protocol=dec.PROTOCOL_NAMES.get(rec.protocol, str(rec.protocol)),
-            family=family,  # type: ignore[arg-type]
-            verdict=dec.VERDICT_NAMES.get(rec.verdict, "allowed"),  # type: ignore[arg-type]
-            mode=dec.MODE_NAMES.get(rec.mode, "detect"),  # type: ignore[arg-type]
-            known=not rec.flags & abi.F_UNKNOWN,
-            rule=item.rule or RuleRef(id=rec.rule_id),
-            local=Endpoint(address=local, port=rec.local_port),
-            remote=Endpoint(address=rec.remote_addr, port=rec.remote_port),
-            process=item.process,
-            cgroup=item.cgroup,  # type: ignore[arg-type]
-            netns_cookie=rec.netns_cookie,
-            repeat=rec.repeat,
-            anomaly=anomaly,  # type: ignore[arg-type]
-            cpu=rec.cpu,
-            seq=rec.seq,
+            event_id,
+            rec.ts_ns + self.boot_offset_ns,
+            self.host,
+            texts.kind,
+            texts.direction,
+            texts.protocol,
+            texts.family,
+            texts.verdict,
+            texts.mode,
+            texts.known,
+            rule,
+            local_ep,
+            remote_ep,
+            item.process,
+            item.cgroup,  # type: ignore[arg-type]
+            rec.netns_cookie,
+            rec.repeat,
+            anomaly,
+            rec.cpu,
+            rec.seq,
         )
 
     def process(self, item: Enriched) -> ProcessEvent:
@@ -328,7 +458,7 @@ def exit_code_of(status: int) -> int:
 
 def destination_key(rec: dec.ConnRecord) -> str:
     """What the baseline remembers for a connection."""
-    proto = dec.PROTOCOL_NAMES.get(rec.protocol, str(rec.protocol))
+    proto = dec.PROTOCOL_NAMES.get(rec.protocol) or str(rec.protocol)
     if rec.direction == abi.DIR_EGRESS:
         return f"{rec.remote_addr}:{rec.remote_port}/{proto}"
     if rec.direction == abi.DIR_INGRESS:
@@ -347,18 +477,25 @@ async def score_stage(
 ) -> None:
     """Score each connection against its executable's baseline and emit the final events."""
     async with recv, send:
+        observe = baseline.observe
+        connection = builder.connection
+        conn_record = dec.ConnRecord
         async for batch in recv:
             t0 = time.perf_counter()
+            now = time.time()  # one wall-clock reading per batch for the baseline
             events: list[Event] = []
+            append = events.append
+            conns = 0
             for item in batch:
                 rec = item.rec
-                if isinstance(rec, dec.ConnRecord):
-                    exe = item.process.exe or f"comm:{item.process.comm}"
-                    anomaly = baseline.observe(exe, destination_key(rec))
-                    events.append(builder.connection(item, anomaly))
-                    stats.connection_events += 1
+                if type(rec) is conn_record:
+                    process = item.process
+                    exe = process.exe or f"comm:{process.comm}"
+                    append(connection(item, observe(exe, destination_key(rec), now)))
+                    conns += 1
                 else:
-                    events.append(builder.process(item))
+                    append(builder.process(item))
                     stats.process_events += 1
+            stats.connection_events += conns
             stats.timed("score", time.perf_counter() - t0)
             await send.send(events)

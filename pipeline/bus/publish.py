@@ -160,9 +160,11 @@ class Publisher:
 
     def _encode_batch(self, batch: list[Event]) -> list[tuple[str, bytes, str]]:
         encoded: list[tuple[str, bytes, str]] = []
+        append = encoded.append
+        encode = self._encode
         max_payload = self._nc.max_payload or math.inf
         for event in batch:
-            payload = self._encode(event)
+            payload = encode(event)
             if len(payload) > max_payload:
                 self._undeliverable += 1
                 log.error(
@@ -172,7 +174,7 @@ class Publisher:
                     max_payload=max_payload,
                 )
                 continue
-            encoded.append((subject_for(event), payload, event.id))
+            append((subject_for(event), payload, event.id))  # cached per (host, direction, verdict)
         return encoded
 
     async def _deliver(self, batch: list[tuple[str, bytes, str]]) -> None:

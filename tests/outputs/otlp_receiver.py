@@ -62,9 +62,7 @@ class OtlpReceiver:
         self._cond = threading.Condition()
         self._got = Received()
 
-    def add_traces(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]
-    ) -> None:
+    def add_traces(self, request: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> None:
         """Keep the spans of one request."""
         with self._cond:
             for rs in request.resource_spans:
@@ -82,9 +80,7 @@ class OtlpReceiver:
                     self._got.logs.extend(sl.log_records)
             self._done(headers)
 
-    def add_metrics(
-        self, request: metrics_service_pb2.ExportMetricsServiceRequest, headers: dict[str, str]
-    ) -> None:
+    def add_metrics(self, request: metrics_service_pb2.ExportMetricsServiceRequest, headers: dict[str, str]) -> None:
         """Keep the metrics of one request."""
         with self._cond:
             for rm in request.resource_metrics:
@@ -106,9 +102,7 @@ class OtlpReceiver:
         """
         with self._cond:
             if not self._cond.wait_for(lambda: predicate(self._got), timeout):
-                raise TimeoutError(
-                    f"OTLP receiver: condition not met after {timeout}s: {self._got.requests} requests"
-                )
+                raise TimeoutError(f"OTLP receiver: condition not met after {timeout}s: {self._got.requests} requests")
             return self._got
 
 
@@ -175,9 +169,7 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 receiver.add_logs(logs_service_pb2.ExportLogsServiceRequest.FromString(body), headers)
                 response = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
             elif self.path == "/v1/metrics":
-                receiver.add_metrics(
-                    metrics_service_pb2.ExportMetricsServiceRequest.FromString(body), headers
-                )
+                receiver.add_metrics(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body), headers)
                 response = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
             else:
                 self.send_error(404)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import T0, audit_lines, connection, loss, policy
+from outputs_testkit import T0, audit_lines, connection, loss, policy
 
 from pipeline.events import Cgroup, Process, ProcessEvent
 from pipeline.outputs.audit import AuditWriter
@@ -155,8 +155,7 @@ class TestRotation:
         ]
         assert seqs == list(range(seqs[0], 40))
         assert any(
-            "event=rotated reason=size previous=audit.log.1" in line
-            for line in audit_lines(directory / "audit.log")
+            "event=rotated reason=size previous=audit.log.1" in line for line in audit_lines(directory / "audit.log")
         )
 
     def test_by_age(self, tmp_path: Path) -> None:
@@ -198,9 +197,7 @@ class TestGaps:
             assert writer.gaps_missing == 12
         lines = audit_lines(path)
         gaps = [line for line in lines if " GAP " in line]
-        assert gaps == [
-            "2024-05-01T12:00:00.123Z GAP missing=12 host=web1 cpu=0 seq=3..14 reason=not-published"
-        ]
+        assert gaps == ["2024-05-01T12:00:00.123Z GAP missing=12 host=web1 cpu=0 seq=3..14 reason=not-published"]
         # the gap line comes right before the event that revealed it
         assert " seq=15 " in lines[lines.index(gaps[0]) + 1]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import anyio
 import nats
 import pytest
-from conftest import NatsServer, audit_lines, connection, loss, policy, wait_until
 from nats.aio.client import Client as NATS
+from outputs_testkit import NatsServer, audit_lines, connection, loss, policy, wait_until
 
 from pipeline.events import Event, encoder, subject_for
 from pipeline.outputs.audit import AuditWriter, run_audit
@@ -77,9 +77,7 @@ async def test_survives_server_restart_and_names_the_gap(nats_server: NatsServer
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(
-                lambda task_status: run_audit(
-                    consumer, path, connection_events=callbacks, task_status=task_status
-                )
+                lambda task_status: run_audit(consumer, path, connection_events=callbacks, task_status=task_status)
             )
             await publish(agent, connection(1), connection(2), connection(3))
             await wait_until(lambda: count(path, " CONN ") == 3)

@@ -10,11 +10,11 @@ import anyio
 import msgspec
 import nats
 import pytest
-from conftest import NatsServer, connection, free_port, loss, policy, wait_until
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from otlp_receiver import OtlpReceiver, Received, any_value, attributes, grpc_receiver, http_receiver
+from outputs_testkit import NatsServer, connection, free_port, loss, policy, wait_until
 
 from pipeline.events import Event, encoder, subject_for
 from pipeline.outputs.otel import OtelConfig, OtelExporter, run_otel
@@ -49,9 +49,7 @@ def has_all(got: Received) -> bool:
 @pytest.fixture(params=["grpc", "http/protobuf"])
 def receiver(request: pytest.FixtureRequest) -> Iterator[tuple[str, OtlpReceiver, str]]:
     """A real OTLP receiver for each protocol."""
-    factory: AbstractContextManager[Receiver] = (
-        grpc_receiver() if request.param == "grpc" else http_receiver()
-    )
+    factory: AbstractContextManager[Receiver] = grpc_receiver() if request.param == "grpc" else http_receiver()
     with factory as (rcv, endpoint):
         yield request.param, rcv, endpoint
 
@@ -122,9 +120,7 @@ def check_metrics(got: Received) -> None:
         frozenset({("verdict", "would-block"), ("direction", "egress"), ("protocol", "tcp")}): 1,
     }
     assert sum(sums(got, "tool.connections.unknown").values()) == 2
-    assert sums(got, "tool.connections.blocked") == {
-        frozenset({("direction", "egress"), ("protocol", "tcp")}): 1
-    }
+    assert sums(got, "tool.connections.blocked") == {frozenset({("direction", "egress"), ("protocol", "tcp")}): 1}
     assert sums(got, "tool.events.shed") == {
         frozenset({("reason", "ring_buffer_full")}): 5,
         frozenset({("reason", "decode_error")}): 2,
@@ -143,9 +139,7 @@ def check_metrics(got: Received) -> None:
 
 def check_spans(spans: list[Span]) -> None:
     """A decision span per connection, a reload span per policy event."""
-    decisions = {
-        attributes(s.attributes)["tool.event.id"]: s for s in spans if s.name == "connection.decision"
-    }
+    decisions = {attributes(s.attributes)["tool.event.id"]: s for s in spans if s.name == "connection.decision"}
     assert set(decisions) == {"ev-0-1", "ev-0-2", "ev-0-3"}
     blocked = decisions["ev-0-2"]
     assert blocked.kind == Span.SPAN_KIND_INTERNAL
@@ -175,9 +169,7 @@ def check_spans(spans: list[Span]) -> None:
     assert attrs["container.id"] == "c0ffee"
     assert attrs["tool.remote.name"] == "example.com"
 
-    reloads = {
-        attributes(s.attributes)["tool.policy.generation"]: s for s in spans if s.name == "policy.reload"
-    }
+    reloads = {attributes(s.attributes)["tool.policy.generation"]: s for s in spans if s.name == "policy.reload"}
     assert set(reloads) == {3, 4}
     loaded = reloads[3]
     assert loaded.end_time_unix_nano - loaded.start_time_unix_nano == 12_500_000
@@ -189,9 +181,7 @@ def check_spans(spans: list[Span]) -> None:
 def check_logs(logs: list[LogRecord], spans: list[Span]) -> None:
     """A log record per decision, with severity by verdict, tied to its span."""
     decisions = {
-        attributes(r.attributes)["tool.event.id"]: r
-        for r in logs
-        if r.event_name == "tool.connection.decision"
+        attributes(r.attributes)["tool.event.id"]: r for r in logs if r.event_name == "tool.connection.decision"
     }
     assert set(decisions) == {"ev-0-1", "ev-0-2", "ev-0-3"}
     assert decisions["ev-0-1"].severity_text == "INFO"
