@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from loaders import cgroup as cg
 
@@ -112,12 +113,17 @@ def agent_rss_mb(pid: int) -> tuple[float, float]:
     return rss, hwm
 
 
-def kernel_counters(state: Path) -> dict[str, int]:
+def agent_stats(state: Path) -> dict[str, Any]:
+    """The running agent's counters (tool-pipeline stats): kernel, pipeline and publisher."""
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "stats", "--state-dir", str(state)],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return json.loads(out.stdout)["kernel"]  # type: ignore[no-any-return]
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def kernel_counters(state: Path) -> dict[str, int]:
+    return agent_stats(state)["kernel"]  # type: ignore[no-any-return]
 
 
 def consumer_url(state: Path) -> str:
@@ -125,9 +131,7 @@ def consumer_url(state: Path) -> str:
     return str(c["url"]).replace("nats://", f"nats://{c['user']}:{c['password']}@")
 
 
-def start_agent(
-    tmp: Path, cgroup_path: str, producer_pid: int, burst: int
-) -> tuple[subprocess.Popen[bytes], Path]:
+def start_agent(tmp: Path, cgroup_path: str, producer_pid: int, burst: int) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
     cfg.write_text(  # default 8 MiB ring buffer
@@ -149,11 +153,7 @@ def start_agent(
 
 
 def pipeline_stats(state: Path) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "stats", "--state-dir", str(state)],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(out.stdout)["publisher"]  # type: ignore[no-any-return]
+    return agent_stats(state)["publisher"]  # type: ignore[no-any-return]
 
 
 def wait_idle(state: Path) -> None:
@@ -207,9 +207,7 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     }
 
 
-def synthetic(
-    state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int
-) -> dict[str, float]:
+def synthetic(state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int) -> dict[str, float]:
     """Drive the pipeline from the kernel-side producer: calls x burst records as fast as the kernel emits."""
     total = calls * burst
     wait_idle(state)
@@ -291,16 +289,10 @@ def main() -> int:
                     f"(peak {r['peak_rss_mb']:.1f} MB)"
                 )
             print()
-            print(
-                f"## Connection storm: {args.procs} processes x {args.storm} UDP datagrams, flow folding off"
-            )
+            print(f"## Connection storm: {args.procs} processes x {args.storm} UDP datagrams, flow folding off")
             s = storm(state, cgroup_path, args.procs, args.storm)
-            print(
-                f"kernel produced     {s['produced']:>9} decisions at {s['kernel_rate']:>9.0f}/s (baseline)"
-            )
-            print(
-                f"subscriber received {s['received']:>9} events    at {s['pipeline_rate']:>9.0f}/s end to end"
-            )
+            print(f"kernel produced     {s['produced']:>9} decisions at {s['kernel_rate']:>9.0f}/s (baseline)")
+            print(f"subscriber received {s['received']:>9} events    at {s['pipeline_rate']:>9.0f}/s end to end")
             print(f"ring buffer full    {s['ring_buffer_full']:>9} (counted by the kernel, reported as loss)")
             print(f"unaccounted         {s['unaccounted']:>9}")
             print(f"pipeline/kernel     {s['pipeline_rate'] / s['kernel_rate']:.2f}")
