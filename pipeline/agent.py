@@ -51,6 +51,10 @@ STREAM_BUFFER = 4  # batches (of at most stages.MAX_BATCH records) between stage
 EVENT_BUFFER = 8  # events or batches of events into the publisher
 
 
+class AgentStartError(Exception):
+    """The agent cannot start; the message says why and what to do."""
+
+
 def boot_offset_ns() -> int:
     """Wall clock minus CLOCK_BOOTTIME, to turn kernel timestamps into wall-clock time."""
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -133,8 +137,8 @@ class Agent:
         try:
             self.runtime = PolicyRuntime(self.sensors, list(c.policy), cgroup_root)
             first = self.runtime.load()
-            if not first.ok:
-                raise PolicyError([])  # unreachable after the check above, unless files changed meanwhile
+            if not first.ok:  # the files changed between the check above and this load
+                raise AgentStartError("the policy has errors, nothing is enforced:\n" + "\n".join(first.errors))
             seeded = self.sensors.seed_tasks()
             for prog, why in self.sensors.missing.items():
                 log.warning("feature_missing", program=prog, detail=why)
@@ -226,8 +230,8 @@ class Agent:
                     self.stats.observer = None
                     await anyio.to_thread.run_sync(self.exporter.shutdown)  # flushes metrics, logs, spans
                 await nc.flush(timeout=5)
-                await anyio.sleep(0)  # let subscribers take the last messages
-                await _settle_outputs(subs_nc)
+                with anyio.move_on_after(2):  # the outputs' last messages reach them before they stop
+                    await subs_nc.flush()
                 outputs.cancel_scope.cancel()
         finally:
             for conn in (subs_nc, nc):
@@ -464,13 +468,6 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
-
-
-async def _settle_outputs(nc: NATS) -> None:
-    try:
-        await nc.flush(timeout=2)
-    except Exception:
-        pass
 
 
 class _bus:

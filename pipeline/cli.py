@@ -73,7 +73,7 @@ def _add_run(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.agent import Agent
+    from pipeline.agent import Agent, AgentStartError
     from pipeline.config import ConfigError, load_config
     from pipeline.policy import PolicyError
 
@@ -99,6 +99,9 @@ def _run(args: argparse.Namespace) -> int:
         anyio.run(Agent(config).run)
     except PolicyError as exc:
         print(f"tool-pipeline: the policy has errors, nothing was attached:\n{exc}", file=sys.stderr)
+        return 1
+    except AgentStartError as exc:
+        print(f"tool-pipeline: {exc}", file=sys.stderr)
         return 1
     except bpf_errors.BpfError as exc:
         print(

@@ -633,3 +633,21 @@ def test_prevent_mode_blocks_an_anomalous_destination_by_itself(tmp_path: Path) 
             assert blocked["rule"]["name"] == "anomaly-block-1"
         finally:
             stop_agent(agent.proc)
+
+
+def test_bad_policy_or_config_at_start_is_refused_with_where(tmp_path: Path) -> None:
+    """A broken policy stops the start with file:line and attaches nothing; a bad config value says where."""
+    bad = tmp_path / "bad.yaml"
+    wrong = POLICY.replace("direction: egress\n      to: [127.0.0.1]", "direction: outbound\n      to: [127.0.0.1]")
+    bad.write_text(wrong)
+    run = [sys.executable, "-m", "pipeline.cli", "run", "--state-dir", str(tmp_path / "s"), "--nats-port", "0"]
+    out = subprocess.run([*run, "--policy", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"{bad}:" in out.stderr and "outbound" in out.stderr and "nothing was attached" in out.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mode: detect\nflow_interval: 5\n")
+    out = subprocess.run([*run, "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"{cfg}:2:1:" in out.stderr and "flow_interval_ms" in out.stderr
+    out = subprocess.run([*run, "--mode", "block"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice" in out.stderr
