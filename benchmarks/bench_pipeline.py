@@ -167,16 +167,26 @@ def wait_idle(state: Path) -> None:
         time.sleep(1.0)
 
 
+def start_subscriber(state: Path, expect: int, which: str) -> subprocess.Popen[str]:
+    """An independent subscriber process, returned once its subscription is in place.
+
+    Args:
+        which: "storm" counts only the storm's destination ports; "all" counts every connection event.
+    """
+    sub = subprocess.Popen(
+        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(expect), "120", which],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert sub.stdout is not None and sub.stdout.readline().strip() == "ready"
+    return sub
+
+
 def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str, float]:
     total = procs * per_proc
     wait_idle(state)
     before = kernel_counters(state)
-    sub = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(total), "120", "storm"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    sub = start_subscriber(state, total, "storm")
     assert sub.stdout is not None
-    assert sub.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     senders = [
         subprocess.Popen([sys.executable, "-c", SENDER, str(per_proc), "0", str(20000 + i * 500)],
@@ -212,12 +222,8 @@ def synthetic(state: Path, producer: subprocess.Popen[str], calls: int, burst: i
     total = calls * burst
     wait_idle(state)
     before = kernel_counters(state)
-    sub = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(total), "120", "all"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    sub = start_subscriber(state, total, "all")
     assert sub.stdout is not None and producer.stdin is not None and producer.stdout is not None
-    assert sub.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     cpu0 = agent_cpu_seconds(agent_pid)
     producer.stdin.write(f"{calls}\n")
