@@ -29,43 +29,72 @@ from loaders import cgroup as cg
 REPO = Path(__file__).resolve().parents[1]
 CLK = os.sysconf("SC_CLK_TCK")
 
+# The subscriber speaks the NATS protocol itself (CONNECT, SUB, then MSG frames) so that it can
+# count a few hundred thousand messages a second on its own core: a nats-py callback per message
+# tops out near the rates measured here, which would make the benchmark measure its subscriber.
 SUBSCRIBER = r"""
-import asyncio, json, sys, time
-FILTER = True
-import nats
-async def main():
-    url, expect, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    global FILTER
-    FILTER = sys.argv[4] == "storm"
-    nc = await nats.connect(url, pending_size=1024*1024*1024)
-    n = 0; first = last = None
-    procs = {}
-    done = asyncio.Event()
-    async def cb(msg):
-        nonlocal n, first, last
-        now = time.monotonic()
-        if FILTER and not 20000 <= json.loads(msg.data)["remote"]["port"] < 40000:
-            return  # not from the storm
-        if first is None: first = now
-        last = now
-        n += 1
-        if n >= expect: done.set()
-    async def on_process(msg):
-        pid = str(json.loads(msg.data)["process"]["pid"])
-        procs[pid] = procs.get(pid, 0) + 1
-    await nc.subscribe("tool.events.*.connection.>", cb=cb, pending_msgs_limit=10_000_000, pending_bytes_limit=-1)
-    await nc.subscribe("tool.events.*.process.>", cb=on_process, pending_msgs_limit=1_000_000, pending_bytes_limit=-1)
-    await nc.flush(); await nc.flush()
-    print("ready", flush=True)
-    deadline = time.monotonic() + timeout
-    while not done.is_set() and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        if last is not None and time.monotonic() - last > 3.0:
-            break  # quiet for 3 s: what was lost is not coming
-    await asyncio.sleep(1.0)  # the senders' exit events follow their last datagram
-    print(json.dumps({"received": n, "seconds": (last - first) if first else 0.0, "procs": procs}), flush=True)
-    await nc.close()
-asyncio.run(main())
+import json, re, socket, sys, time
+from urllib.parse import urlsplit
+url, expect, timeout, which = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+u = urlsplit(url)
+sock = socket.create_connection((u.hostname, u.port))
+f = sock.makefile("rb")
+assert f.readline().startswith(b"INFO ")
+sock.sendall(b"CONNECT " + json.dumps({"user": u.username, "pass": u.password, "verbose": False,
+             "pedantic": False, "protocol": 1}).encode() + b"\r\n"
+             b"SUB tool.events.*.connection.> 1\r\nSUB tool.events.*.process.> 2\r\nPING\r\n")
+while (line := f.readline()) != b"PONG\r\n":
+    assert not line.startswith(b"-ERR"), line
+print("ready", flush=True)
+STORM = which == "storm"
+REMOTE_PORT = re.compile(rb'"remote":\{"address":"[^"]*","port":(\d+)')
+PID = re.compile(rb'"process":\{"pid":(\d+)')
+n = 0; first = last = None; procs = {}
+buf = bytearray()
+
+def parse(now):
+    # Count the complete MSG frames in buf, answer PINGs, keep an incomplete frame.
+    global n, first, last
+    pos = 0
+    while (nl := buf.find(b"\r\n", pos)) >= 0:
+        if buf.startswith(b"MSG ", pos):
+            head = bytes(buf[pos:nl]).split()
+            start = nl + 2
+            end = start + int(head[-1])
+            if end + 2 > len(buf):
+                break
+            if head[2] == b"2":
+                pid = PID.search(buf, start, end).group(1).decode()
+                procs[pid] = procs.get(pid, 0) + 1
+            elif not STORM or 20000 <= int(REMOTE_PORT.search(buf, start, end).group(1)) < 40000:
+                first = now if first is None else first
+                last = now
+                n += 1
+            pos = end + 2
+        else:
+            if buf.startswith(b"PING", pos):
+                sock.sendall(b"PONG\r\n")
+            pos = nl + 2
+    del buf[:pos]
+
+sock.settimeout(0.2)
+deadline = time.monotonic() + timeout
+tail_end = None  # after the last expected event: one more second for the senders' exit events
+while True:
+    now = time.monotonic()
+    if now > deadline or (tail_end is not None and now > tail_end):
+        break
+    if tail_end is None and (n >= expect or (last is not None and now - last > 3.0)):
+        tail_end = now + 1.0  # all in, or quiet for 3 s: what was lost is not coming
+    try:
+        data = sock.recv(1 << 20)
+    except socket.timeout:
+        continue
+    if not data:
+        break
+    buf += data
+    parse(time.monotonic())
+print(json.dumps({"received": n, "seconds": (last - first) if first else 0.0, "procs": procs}), flush=True)
 """
 
 SENDER = r"""
@@ -131,11 +160,13 @@ def consumer_url(state: Path) -> str:
     return str(c["url"]).replace("nats://", f"nats://{c['user']}:{c['password']}@")
 
 
-def start_agent(tmp: Path, cgroup_path: str, producer_pid: int, burst: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_agent(
+    tmp: Path, cgroup_path: str, producer_pid: int, burst: int, event_stream: str
+) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
     cfg.write_text(  # default 8 MiB ring buffer
-        "flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\n"
+        f"flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\nevent_stream: {event_stream}\n"
         f"bench_producer_tgid: {producer_pid}\nbench_producer_burst: {burst}\n"
     )
     err = (tmp / "agent.log").open("wb")
@@ -237,6 +268,7 @@ def synthetic(state: Path, producer: subprocess.Popen[str], calls: int, burst: i
     lost = after["ring_buffer_full"] - before["ring_buffer_full"]
     return {
         "agent_cpu_percent": 100 * busy / max(result["seconds"], 1e-9),
+        "agent_us_per_event": 1e6 * busy / max(result["received"], 1),
         "produced": total,
         "received": result["received"],
         "ring_buffer_full": lost,
@@ -274,6 +306,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each steady rate")
     ap.add_argument("--synthetic", type=int, default=1000, help="getppid() calls of the kernel producer")
     ap.add_argument("--burst", type=int, default=256, help="records the kernel producer emits per call")
+    ap.add_argument(
+        "--event-stream",
+        default="file",
+        choices=("file", "memory", "none"),
+        help="the agent's JetStream stream (its storage costs nats-server CPU per event)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark attaches the sensors to a scratch cgroup")
@@ -283,7 +321,8 @@ def main() -> int:
         producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "0"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
-        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst)
+        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst, args.event_stream)
+        print(f"event stream: {args.event_stream}")
         try:
             print("## CPU and RSS of the agent (2-core machine; one core = 100%)")
             base = idle(proc.pid, args.seconds)
@@ -310,6 +349,8 @@ def main() -> int:
             print(f"ring buffer full    {y['ring_buffer_full']:>9} (counted by the kernel, reported as loss)")
             print(f"unaccounted         {y['unaccounted']:>9}")
             print(f"agent cpu           {y['agent_cpu_percent']:>8.0f}% of one core while draining")
+            per_core = 1e6 / y["agent_us_per_event"]
+            print(f"agent cpu per event {y['agent_us_per_event']:>8.2f} us = {per_core:.0f} events/s per agent core")
             return 0 if s["unaccounted"] == 0 and y["unaccounted"] == 0 else 1
         finally:
             proc.send_signal(signal.SIGTERM)

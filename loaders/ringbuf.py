@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+import platform
+import struct
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -142,3 +145,101 @@ async def wait_readable(rb: RingBuffer) -> None:
         rb: The ring buffer to wait on.
     """
     await anyio.wait_readable(rb.fileno())
+
+
+# The ring buffer's record header (kernel uapi: BPF_RINGBUF_BUSY_BIT, _DISCARD_BIT, _HDR_SZ).
+RINGBUF_BUSY_BIT = 1 << 31
+RINGBUF_DISCARD_BIT = 1 << 30
+RINGBUF_HDR_SZ = 8
+_POS = struct.Struct("<Q")
+
+# Reading the ring straight from shared memory needs the kernel's ordering (the producer
+# publishes a record with a release store of its header; the reader must see the header before
+# the data). Plain loads give that on x86-64 (total store order), not on weakly ordered CPUs,
+# where the libbpf consumer (RingBuffer) and its acquire loads are used instead.
+MMAP_READER_SAFE = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+
+
+class RingReader:
+    """A ring buffer map read directly from its shared memory, without a callback per record.
+
+    The kernel maps the consumer position read-write, and the producer position followed by
+    the data area (twice, back to back, so a record that wraps is contiguous) read-only. The
+    caller walks the records between :meth:`window`'s bounds and hands the position it stopped
+    at to :meth:`release`, which returns that space to the kernel. Nothing is copied.
+
+    A record is 8 bytes of header (length, busy and discard bits, a page offset) and the
+    record itself, rounded up to 8 bytes: see :func:`record_span`.
+
+    Args:
+        rb_map: A ``BPF_MAP_TYPE_RINGBUF`` map.
+
+    Raises:
+        BpfError: ``rb_map`` is not a ring buffer, or the kernel refused the mappings.
+    """
+
+    def __init__(self, rb_map: Map) -> None:
+        from loaders.maps import BPF_MAP_TYPE_RINGBUF
+
+        if rb_map.type != BPF_MAP_TYPE_RINGBUF:
+            raise errors.BpfError(
+                f"map {rb_map.name} is not a ring buffer (type {rb_map.type})",
+                advice="Pass the sensors' events map",
+            )
+        self._map = rb_map  # keeps the fd open
+        self.size = rb_map.max_entries
+        self.mask = self.size - 1
+        page = mmap.PAGESIZE
+        try:
+            self._consumer = mmap.mmap(rb_map.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._producer = mmap.mmap(
+                rb_map.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+            )
+        except OSError as exc:
+            raise errors.BpfError(
+                f"mmap of ring buffer {rb_map.name}",
+                errno=exc.errno or 0,
+                advice="The kernel must allow mmap of BPF ring buffers (Linux 5.8+)",
+            ) from exc
+        self._page = page
+        # The data area, from the first of its two mappings: offsets up to 2 * size are valid.
+        self.data = memoryview(self._producer)[page:]
+
+    def fileno(self) -> int:
+        """The map's fd: readable (poll/epoll) while records are waiting."""
+        return self._map.fd
+
+    def window(self) -> tuple[int, int]:
+        """The consumer and producer positions: records wait in [consumer, producer).
+
+        Positions grow without wrapping; the record at position ``p`` starts at
+        ``data[p & mask]``.
+        """
+        (consumer,) = _POS.unpack_from(self._consumer, 0)
+        (producer,) = _POS.unpack_from(self._producer, 0)
+        return consumer, producer
+
+    def release(self, position: int) -> None:
+        """Give the space before ``position`` back to the kernel (one aligned 8-byte store)."""
+        _POS.pack_into(self._consumer, 0, position)
+
+    def close(self) -> None:
+        """Unmap (idempotent); the map stays."""
+        if self._producer is not None:
+            self.data.release()
+            self._producer.close()
+            self._consumer.close()
+            self._producer = None  # type: ignore[assignment]
+
+    def __enter__(self) -> RingReader:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def record_span(header_len: int) -> int:
+    """Bytes a record takes in the ring: its header and length, rounded up to 8."""
+    return ((header_len & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT)) + RINGBUF_HDR_SZ + 7) & ~7

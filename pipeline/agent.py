@@ -6,6 +6,7 @@ SIGINT (drain, then stop) while SIGHUP reloads the policy.
 
 from __future__ import annotations
 
+import gc
 import os
 import secrets
 import signal
@@ -29,18 +30,19 @@ from pipeline.bus.stream import ensure_stream
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
 from pipeline.events import EnforcementEvent, Event, LossEvent, PolicyEvent, encoder
+from pipeline.hotpath import Encoded, EventEncoder
 from pipeline.outputs.nats_callbacks import NatsConnectionEvents
 from pipeline.policy import PolicyError, compile_policy, load_policy
 from pipeline.policy_runtime import LoadResult, PolicyRuntime
 from pipeline.score import Baseline
 from pipeline.stages import (
+    Batch,
     Enricher,
     EventBuilder,
     PipelineStats,
-    decode_stage,
     enrich_stage,
-    kernel_source,
     match_stage,
+    ring_stage,
     score_stage,
 )
 
@@ -168,25 +170,31 @@ class Agent:
         )
         try:
             js = nc.jetstream()
-            try:
-                await ensure_stream(js)
-            except Exception as exc:  # a server without JetStream still gets the live stream
-                log.warning("jetstream_unavailable", error=str(exc))
+            if c.event_stream == "none":
+                log.info("event_stream_none", advice="live subscribers only; an existing stream is left as it is")
+            else:
+                try:
+                    await ensure_stream(js, storage=c.event_stream)
+                except Exception as exc:  # a server without JetStream still gets the live stream
+                    log.warning("jetstream_unavailable", error=str(exc))
 
-            baseline = Baseline(
-                Path(c.state_dir) / "baseline.json", warmup_observations=c.anomaly.warmup_observations
-            )
+            baseline = Baseline(Path(c.state_dir) / "baseline.json", warmup_observations=c.anomaly.warmup_observations)
             enricher = Enricher(cg.cgroup2_root())
-            builder = EventBuilder(self.host, self.instance, boot_offset_ns())
+            offset = boot_offset_ns()
+            builder = EventBuilder(self.host, self.instance, offset)
+            event_encoder = EventEncoder(self.host, self.instance, offset)
 
-            raw_send, raw_recv = anyio.create_memory_object_stream[list[bytes]](STREAM_BUFFER)
-            dec_send, dec_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
-            enr_send, enr_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
-            mat_send, mat_recv = anyio.create_memory_object_stream[list[Any]](STREAM_BUFFER)
-            ev_send, ev_recv = anyio.create_memory_object_stream[Event | list[Event]](EVENT_BUFFER)
+            dec_send, dec_recv = anyio.create_memory_object_stream[Batch](STREAM_BUFFER)
+            enr_send, enr_recv = anyio.create_memory_object_stream[Batch](STREAM_BUFFER)
+            mat_send, mat_recv = anyio.create_memory_object_stream[Batch](STREAM_BUFFER)
+            ev_send, ev_recv = anyio.create_memory_object_stream[Event | list[Event] | Encoded](EVENT_BUFFER)
             self._send_event = ev_send.clone()
             self.publisher = Publisher(nc, ev_recv)
 
+            # Everything made so far (modules, config, policy) lives as long as the agent: keep
+            # it out of the garbage collector's full passes, which otherwise walk it again and
+            # again while events flow (about a fifth of the per-event cost, docs/performance.md).
+            gc.freeze()
             async with anyio.create_task_group() as outputs:
                 # Subscribers first, so they see the first events.
                 await self._start_outputs(outputs, subs_nc, callbacks)
@@ -199,11 +207,10 @@ class Agent:
 
                 async with anyio.create_task_group() as graph:
                     await graph.start(self.publisher.run)
-                    graph.start_soon(score_stage, mat_recv, ev_send, baseline, builder, self.stats)
+                    graph.start_soon(score_stage, mat_recv, ev_send, baseline, event_encoder, builder, self.stats)
                     graph.start_soon(match_stage, enr_recv, mat_send, self.runtime.describe, self.stats)
                     graph.start_soon(enrich_stage, dec_recv, enr_send, enricher, self.stats)
-                    graph.start_soon(decode_stage, raw_recv, dec_send, self.stats)
-                    await graph.start(kernel_source, self.sensors.maps["events"], raw_send, self._stop)
+                    await graph.start(ring_stage, self.sensors.maps["events"], dec_send, self._stop, self.stats)
 
                     async with anyio.create_task_group() as control:
                         control.start_soon(self._signals)
@@ -243,9 +250,7 @@ class Agent:
                     except Exception as exc:  # the server is already gone: nothing left to flush
                         log.warning("nats_close_failed", error=repr(exc))
 
-    async def _start_outputs(
-        self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents
-    ) -> None:
+    async def _start_outputs(self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents) -> None:
         c = self.config
         if c.audit_log:
             from pipeline.outputs.audit import run_audit
@@ -456,8 +461,7 @@ def validate_policy_text(body: bytes) -> dict[str, Any]:
             return {
                 "valid": False,
                 "errors": [
-                    {"line": e.line, "column": e.column, "message": e.message, "hint": e.hint}
-                    for e in exc.errors
+                    {"line": e.line, "column": e.column, "message": e.message, "hint": e.hint} for e in exc.errors
                 ],
             }
     return {"valid": True, "rules": len(compiled.rules), "warnings": compiled.warnings}

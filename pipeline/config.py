@@ -49,6 +49,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     hostname: str | None = None
     ringbuf_bytes: int = 8 * 1024 * 1024
     flow_interval_ms: int = 1000
+    # The JetStream stream that keeps events for consumers that were down: on disk, in memory
+    # (faster, lost with the server), or none (live subscribers only).
+    event_stream: Literal["file", "memory", "none"] = "file"
     loss_report_interval_s: float = 10.0
     watch_policy: bool = True  # reload when a policy file changes
     anomaly: AnomalyConfig = AnomalyConfig()
@@ -76,6 +79,7 @@ ENV_FIELDS = {
     "TOOL_AUDIT_LOG": "audit_log",
     "TOOL_HOSTNAME": "hostname",
     "TOOL_FLOW_INTERVAL_MS": "flow_interval_ms",
+    "TOOL_EVENT_STREAM": "event_stream",
 }
 DEFAULT_CONFIG_PATH = "/etc/tool/config.yaml"
 

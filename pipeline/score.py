@@ -76,6 +76,8 @@ class Baseline:
         self.max_profiles = max_profiles
         self.profiles: dict[str, _Profile] = {}
         self._quiet: dict[int, Anomaly] = {}  # count seen before -> its (frozen, shared) Anomaly
+        self._quiet_json: dict[int, msgspec.Raw] = {}  # the same, encoded
+        self._encode = msgspec.json.Encoder().encode
         self.dirty = False
         if path is not None and path.exists():
             self.load()
@@ -107,6 +109,30 @@ class Baseline:
             f.write(msgspec.json.encode(_BaselineFile(BASELINE_VERSION, self.profiles)))
         os.replace(tmp, self.path)
         self.dirty = False
+
+    def observe_json(self, exe: str, destination: str, now: float) -> msgspec.Raw:
+        """:meth:`observe`, returning the anomaly as JSON: the pipeline's per-event path.
+
+        Most connections go to a destination their program has used many times; for those
+        this does the same bookkeeping as :meth:`observe` with fewer steps and returns the
+        shared, already-encoded low score. Everything else goes through :meth:`observe`.
+        """
+        profile = self.profiles.get(exe)
+        if profile is not None:
+            destinations = profile.destinations
+            dest = destinations.get(destination)
+            if dest is not None:
+                count = dest.count
+                if count > 1:
+                    raw = self._quiet_json.get(count if count < _SCORE_ZERO_FROM else _SCORE_ZERO_FROM)
+                    if raw is not None:
+                        dest.count = count + 1
+                        dest.last_seen = now
+                        destinations.move_to_end(destination)  # type: ignore[attr-defined]
+                        profile.observations += 1
+                        self.dirty = True
+                        return raw
+        return msgspec.Raw(self._encode(self.observe(exe, destination, now)))
 
     def observe(self, exe: str, destination: str, now: float | None = None) -> Anomaly:
         """Score one connection, then learn it.
@@ -154,6 +180,7 @@ class Baseline:
                 quiet = self._quiet.get(key)
                 if quiet is None:
                     quiet = self._quiet[key] = Anomaly(score=round(1.0 / (1 + key), 4), reasons=[])
+                    self._quiet_json[key] = msgspec.Raw(self._encode(quiet))
                 return quiet
             return Anomaly(
                 score=round(1.0 / (1 + count), 4),

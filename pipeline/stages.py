@@ -12,18 +12,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
+import msgspec
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from loaders import RingBuffer, abi, wait_readable
+from loaders import abi
+from loaders.maps import Map
+from loaders.ringbuf import RingReader
 from pipeline import decode as dec
+from pipeline import hotpath as hot
 from pipeline.enrich import CgroupNames, ProcessTable, UserNames, process_of
 from pipeline.events import (
     Anomaly,
-    Cgroup,
     ConnectionEvent,
     ConnectionKind,
     Direction,
@@ -34,12 +37,12 @@ from pipeline.events import (
     ProcessEvent,
     RuleRef,
     Verdict,
+    subject_for,
 )
 from pipeline.score import Baseline
 
 log = structlog.get_logger("tool.pipeline")
 
-Batch = list
 MAX_BATCH = 1024  # records per batch between stages
 
 
@@ -131,76 +134,62 @@ class PipelineStats:
             self.observer(stage, seconds)
 
 
-async def _send_drained(pending: list[bytes], send: ObjectSendStream[Batch[bytes]]) -> None:
-    """Send ``pending`` on in batches of at most MAX_BATCH, then empty it.
+class Batch:
+    """Records on their way through the graph, with what each stage added, one entry per record.
 
-    Slices and one clear at the end: deleting each batch from the front of a drain of
-    tens of thousands of records would move the rest of the list once per batch.
+    ``records`` holds CONN tuples (:mod:`pipeline.hotpath`) for connection records and
+    :class:`pipeline.decode.ExecRecord` for process records, in kernel order.
     """
-    start = 0
-    while start < len(pending):  # re-read: records appended meanwhile are sent too
-        batch = pending[start : start + MAX_BATCH]
-        start += len(batch)
-        await send.send(batch)
-    pending.clear()
+
+    __slots__ = ("idents", "records", "rules")
+
+    def __init__(self, records: list[hot.Record]) -> None:
+        self.records = records
+        self.idents: list[Any] = []  # Identity, or Enriched for a process record
+        self.rules: list[hot.RuleEntry | None] = []
 
 
-async def kernel_source(
-    rb_map: object,
-    send: ObjectSendStream[Batch[bytes]],
+async def ring_stage(
+    rb_map: Map,
+    send: ObjectSendStream[Batch],
     stop: anyio.Event,
+    stats: PipelineStats,
     *,
-    task_status: anyio.abc.TaskStatus[RingBuffer] = anyio.TASK_STATUS_IGNORED,
+    task_status: anyio.abc.TaskStatus[RingReader] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Drain the ring buffer whenever it is readable and send each drain as one batch.
+    """Source and decode: read records straight from the ring buffer whenever it is readable.
 
+    Hands on at most MAX_BATCH records at a time: with bounded streams downstream, a backlog
+    stays in the kernel's ring buffer (where overflow is counted), not in this process's memory.
     After ``stop`` is set, drains what is left, then closes ``send`` (which ends the graph).
     """
-    pending: list[bytes] = []
-    rb = RingBuffer({"events": (rb_map, pending.append)})  # type: ignore[dict-item]
+    gaps = stats.gaps
+    errors = hot.DecodeErrors(log.error)
+    reader = RingReader(rb_map)
+    fd = reader.fileno()
+
+    def take() -> list[hot.Record]:
+        t0 = time.perf_counter()
+        records = hot.drain(reader, gaps.see, gaps.expected, gaps.opened, errors, MAX_BATCH)
+        stats.records += len(records)
+        stats.decode_errors = errors.count
+        stats.timed("decode", time.perf_counter() - t0)
+        return records
+
     try:
-        task_status.started(rb)
+        task_status.started(reader)
         async with send:
             while not stop.is_set():
-                if not pending:
-                    with anyio.move_on_after(0.2):
-                        await wait_readable(rb)
-                    rb.consume()
-                # Hand on at most MAX_BATCH records at a time: with bounded streams
-                # downstream, a backlog stays in the kernel's ring buffer (where overflow
-                # is counted), not in this process's memory.
-                await _send_drained(pending, send)
-            rb.consume()
-            await _send_drained(pending, send)
-    finally:
-        rb.close()
-
-
-async def decode_stage(
-    recv: ObjectReceiveStream[Batch[bytes]],
-    send: ObjectSendStream[Batch[dec.Record]],
-    stats: PipelineStats,
-) -> None:
-    """Raw records -> typed records; counts decode errors and sequence gaps."""
-    decode = dec.decode
-    gaps = stats.gaps
-    async with recv, send:
-        async for raw in recv:
-            t0 = time.perf_counter()
-            out: list[dec.Record] = []
-            for data in raw:
-                try:
-                    rec = decode(data)
-                except dec.DecodeError as exc:
-                    stats.decode_errors += 1
-                    if stats.decode_errors <= 10:
-                        log.error("decode_error", error=str(exc), size=len(data))
+                records = take()
+                if records:
+                    await send.send(Batch(records))
                     continue
-                gaps.see(rec.cpu, rec.seq)
-                out.append(rec)
-            stats.records += len(raw)
-            stats.timed("decode", time.perf_counter() - t0)
-            await send.send(out)
+                with anyio.move_on_after(0.2):
+                    await anyio.wait_readable(fd)
+            while records := take():
+                await send.send(Batch(records))
+    finally:
+        reader.close()
 
 
 @dataclass(slots=True)
@@ -220,9 +209,11 @@ class Enricher:
         self.table = table or ProcessTable()
         self.users = UserNames()
         self.cgroups = CgroupNames(cgroup_root)
+        self._encode = msgspec.json.Encoder().encode
         self._procs: dict[tuple[int, int, int, int, str], Process] = {}
-        # Complete identities by the decoder's (shared) Task: one dict hit per record.
-        self._hot: dict[dec.Task, tuple[Process, Cgroup]] = {}
+        # Complete identities by the kernel's raw task bytes: one dict hit per record.
+        self.hot: dict[bytes, hot.Identity] = {}
+        self._hot_by_tgid: dict[int, list[bytes]] = {}
 
     def process(self, t: dec.Task) -> Process:
         key = (t.tgid, t.exec_id, t.uid, t.gid, t.comm)
@@ -235,45 +226,64 @@ class Enricher:
                 self._procs[key] = p
         return p
 
+    def identity(self, raw_task: bytes) -> hot.Identity:
+        """The identity behind a connection record's task bytes (cache miss)."""
+        t = hot.task_of(raw_task)
+        ident = hot.Identity(self.process(t), self.cgroups.get(t.cgroup_id), self._encode)
+        # Only cache complete identities: a missing exe or cgroup path may still resolve later
+        # (cgroup id 0 never will: the kernel had no cgroup to report).
+        if ident.process.exe is not None and (ident.cgroup.path is not None or t.cgroup_id == 0):
+            if len(self.hot) > 16384:
+                self.hot.clear()
+                self._hot_by_tgid.clear()
+            self.hot[raw_task] = ident
+            self._hot_by_tgid.setdefault(t.tgid, []).append(raw_task)
+        return ident
+
     def enrich(self, rec: dec.Record) -> Enriched:
+        """The reference path: one decoded record (see pipeline.decode) with its identity."""
         if isinstance(rec, dec.ExecRecord):
-            t = rec.task
-            if rec.kind == abi.EV_EXEC:
-                self.table.on_exec(t.tgid, t.exec_id, t.ppid, rec.filename, rec.args, t.comm, rec.exe_ino)
-                for key in [k for k in self._procs if k[0] == t.tgid]:
-                    del self._procs[key]
-                for task in [k for k in self._hot if k.tgid == t.tgid]:
-                    del self._hot[task]
-            proc = self.process(t)
-            if rec.kind == abi.EV_EXIT:
-                self.table.on_exit(t.tgid, t.exec_id)
-            return Enriched(rec, proc, self.cgroups.get(t.cgroup_id))
+            return self.process_record(rec)
         t = rec.task
-        hot = self._hot.get(t)
-        if hot is not None:
-            return Enriched(rec, hot[0], hot[1])
+        return Enriched(rec, self.process(t), self.cgroups.get(t.cgroup_id))
+
+    def process_record(self, rec: dec.ExecRecord) -> Enriched:
+        """Learn from an exec or exit record, and name its process."""
+        t = rec.task
+        if rec.kind == abi.EV_EXEC:
+            self.table.on_exec(t.tgid, t.exec_id, t.ppid, rec.filename, rec.args, t.comm, rec.exe_ino)
+            for key in [k for k in self._procs if k[0] == t.tgid]:
+                del self._procs[key]
+            for raw in self._hot_by_tgid.pop(t.tgid, ()):
+                self.hot.pop(raw, None)
         proc = self.process(t)
-        cgroup = self.cgroups.get(t.cgroup_id)
-        if proc.exe is not None and cgroup.path is not None:  # only cache complete identities
-            if len(self._hot) > 16384:
-                self._hot.clear()
-            self._hot[t] = (proc, cgroup)
-        return Enriched(rec, proc, cgroup)
+        if rec.kind == abi.EV_EXIT:
+            self.table.on_exit(t.tgid, t.exec_id)
+        return Enriched(rec, proc, self.cgroups.get(t.cgroup_id))
 
 
 async def enrich_stage(
-    recv: ObjectReceiveStream[Batch[dec.Record]],
-    send: ObjectSendStream[Batch[Enriched]],
+    recv: ObjectReceiveStream[Batch],
+    send: ObjectSendStream[Batch],
     enricher: Enricher,
     stats: PipelineStats,
 ) -> None:
-    """Attach process and cgroup identity."""
+    """Attach process and cgroup identity (process records update the process table first)."""
+    task = hot.TASK
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            out = [enricher.enrich(r) for r in batch]
+            cached = enricher.hot.get
+            idents = batch.idents
+            append = idents.append
+            for rec in batch.records:
+                if type(rec) is tuple:
+                    append(cached(rec[task]) or enricher.identity(rec[task]))
+                else:
+                    append(enricher.process_record(rec))  # type: ignore[arg-type]
+                    cached = enricher.hot.get
             stats.timed("enrich", time.perf_counter() - t0)
-            await send.send(out)
+            await send.send(batch)
 
 
 RuleDescriber = Callable[[int, int], tuple[str | None, str | None, str]]
@@ -287,37 +297,43 @@ def _default_explanation(rec: dec.ConnRecord) -> str:
 
 
 async def match_stage(
-    recv: ObjectReceiveStream[Batch[Enriched]],
-    send: ObjectSendStream[Batch[Enriched]],
+    recv: ObjectReceiveStream[Batch],
+    send: ObjectSendStream[Batch],
     describe: RuleDescriber,
     stats: PipelineStats,
 ) -> None:
     """Name the policy entry that decided each connection and explain it in one line."""
-    cache: dict[tuple[int, int], RuleRef] = {}
-    defaults: dict[tuple[int, int, int], RuleRef] = {}  # (mode, direction, action) -> "no rule matched"
+    encode = msgspec.json.Encoder().encode
+    # (rule id, generation) -> its reference; the enum bytes -> the default that decided.
+    cache: dict[object, hot.RuleEntry] = {}
+    rule_id, generation, enums = hot.RULE_ID, hot.POLICY_GEN, hot.ENUMS
+
+    def miss(rec: hot.ConnTuple) -> hot.RuleEntry:
+        if rec[rule_id] == 0:
+            ref = RuleRef(id=0, explanation=_default_explanation(hot.conn_record(rec)))
+            key: object = rec[enums]
+        else:
+            name, source, explanation = describe(rec[rule_id], rec[generation])
+            ref = RuleRef(id=rec[rule_id], name=name, policy=source, explanation=explanation)
+            key = (rec[rule_id], rec[generation])
+        if len(cache) > 65536:
+            cache.clear()
+        entry = cache[key] = hot.RuleEntry(ref, encode)
+        return entry
+
+    get = cache.get
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            for item in batch:
-                rec = item.rec
-                if not isinstance(rec, dec.ConnRecord):
-                    continue
-                if rec.rule_id == 0:
-                    dkey = (rec.mode, rec.direction, rec.action)
-                    default = defaults.get(dkey)
-                    if default is None:
-                        default = defaults[dkey] = RuleRef(id=0, explanation=_default_explanation(rec))
-                    item.rule = default
-                    continue
-                key = (rec.rule_id, rec.policy_gen)
-                ref = cache.get(key)
-                if ref is None:
-                    name, source, explanation = describe(rec.rule_id, rec.policy_gen)
-                    ref = RuleRef(id=rec.rule_id, name=name, policy=source, explanation=explanation)
-                    if len(cache) > 65536:
-                        cache.clear()
-                    cache[key] = ref
-                item.rule = ref
+            rules = batch.rules
+            append = rules.append
+            for rec in batch.records:
+                if type(rec) is not tuple:
+                    append(None)
+                elif rec[rule_id]:
+                    append(get((rec[rule_id], rec[generation])) or miss(rec))
+                else:
+                    append(get(rec[enums]) or miss(rec))
             stats.timed("match", time.perf_counter() - t0)
             await send.send(batch)
 
@@ -469,33 +485,49 @@ def destination_key(rec: dec.ConnRecord) -> str:
 
 
 async def score_stage(
-    recv: ObjectReceiveStream[Batch[Enriched]],
-    send: ObjectSendStream[Event | list[Event]],
+    recv: ObjectReceiveStream[Batch],
+    send: ObjectSendStream[Event | list[Event] | hot.Encoded],
     baseline: Baseline,
+    encoder: hot.EventEncoder,
     builder: EventBuilder,
     stats: PipelineStats,
 ) -> None:
-    """Score each connection against its executable's baseline and emit the final events."""
+    """Score each connection against its executable's baseline and encode the final events."""
+    observe = baseline.observe_json
+    wire = hot.WireConnection
+    encode = encoder.encode
+    flows, prefixes = encoder.flows, encoder.id_prefixes
+    offset = encoder.boot_offset_ns
+    # Field indices as locals (the loop body runs once per event).
+    i_head, i_enums, i_cpu, i_seq, i_ts = hot.HEAD, hot.ENUMS, hot.CPU, hot.SEQ, hot.TS_NS
+    i_netns, i_repeat = hot.NETNS, hot.REPEAT
+    i_la, i_lp, i_ra, i_rp = hot.LOCAL_ADDR, hot.LOCAL_PORT, hot.REMOTE_ADDR, hot.REMOTE_PORT
     async with recv, send:
-        observe = baseline.observe
-        connection = builder.connection
-        conn_record = dec.ConnRecord
         async for batch in recv:
             t0 = time.perf_counter()
             now = time.time()  # one wall-clock reading per batch for the baseline
-            events: list[Event] = []
-            append = events.append
+            out = hot.Encoded()
+            subjects, payloads, ids = out.subjects, out.payloads, out.ids
             conns = 0
-            for item in batch:
-                rec = item.rec
-                if type(rec) is conn_record:
-                    process = item.process
-                    exe = process.exe or f"comm:{process.comm}"
-                    append(connection(item, observe(exe, destination_key(rec), now)))
-                    conns += 1
-                else:
-                    append(builder.process(item))
+            for rec, ident, rule in zip(batch.records, batch.idents, batch.rules, strict=True):
+                if type(rec) is not tuple:
+                    event = builder.process(ident)
+                    out.add(subject_for(event).encode(), encode(event), event.id)
                     stats.process_events += 1
+                    continue
+                key = (rec[i_head], rec[i_enums], rec[i_ra], rec[i_rp], rec[i_la], rec[i_lp])
+                flow = flows.get(key) or encoder.flow(key)
+                anomaly = observe(ident.exe_key, flow.destination, now)
+                cpu = rec[i_cpu]
+                seq = rec[i_seq]
+                event_id = f"{prefixes.get(cpu) or encoder.id_prefix(cpu)}{seq}"
+                subjects.append(flow.subject)
+                ids.append(event_id)
+                payloads.append(encode(wire(
+                    event_id, rec[i_ts] + offset, flow.head, rule.raw, flow.local, flow.remote,  # type: ignore[union-attr]
+                    ident.raw, rec[i_netns], rec[i_repeat], anomaly, cpu, seq,
+                )))  # fmt: skip
+                conns += 1
             stats.connection_events += conns
             stats.timed("score", time.perf_counter() - t0)
-            await send.send(events)
+            await send.send(out)

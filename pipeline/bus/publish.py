@@ -2,16 +2,18 @@
 
 Each event is encoded once with msgspec and sent with a core NATS publish on
 :func:`pipeline.events.subject_for`; the JetStream stream (:mod:`pipeline.bus.stream`)
-captures it. Publishes are grouped in batches that end with a flush round trip (PING/PONG):
-when it returns the server has received every event of the batch. If a publish or the flush
-fails (connection lost, reconnect buffer full, timeout) the whole batch is sent again with
-backoff until the server confirms it, so an event is never lost silently; it may be stored
+captures it. Publishes are grouped in batches; a flush round trip (PING/PONG) confirms every
+batch sent before it. Up to ``window`` batches are in flight while earlier ones wait for their
+confirmation, so the round trip does not pace the pipeline. If a publish or a confirmation
+fails (connection lost, reconnect buffer full, timeout) every unconfirmed batch is sent again
+with backoff until the server confirms it, so an event is never lost silently; it may be stored
 twice after a reconnect unless ``msg_id_header`` is on (the stream then drops the duplicate).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -24,10 +26,13 @@ from nats.aio.client import Client as NATS
 
 from pipeline.bus.barrier import server_barrier
 from pipeline.events import Event, subject_for
+from pipeline.hotpath import Encoded
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_BATCH = 1024
+DEFAULT_WINDOW = 8
+CRLF = b"\r\n"  # batches sent but not yet confirmed
 DEFAULT_FLUSH_TIMEOUT_S = 5
 DEFAULT_BACKOFF_S = (0.05, 5.0)
 
@@ -68,9 +73,10 @@ class Publisher:
     def __init__(
         self,
         nc: NATS,
-        events: MemoryObjectReceiveStream[Event | list[Event]],
+        events: MemoryObjectReceiveStream[Event | list[Event] | Encoded],
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
+        window: int = DEFAULT_WINDOW,
         flush_timeout_s: int = DEFAULT_FLUSH_TIMEOUT_S,
         backoff_s: tuple[float, float] = DEFAULT_BACKOFF_S,
         msg_id_header: bool = False,
@@ -82,14 +88,17 @@ class Publisher:
                 ``max_reconnect_attempts=-1`` so it keeps reconnecting.
             events: Bounded receive half of the pipeline's event stream; the stage
                 finishes when its send halves are closed and everything is confirmed.
-            max_batch: Most events sent between two flush round trips.
+            max_batch: Events in one batch (a pre-encoded batch is never split, so one may exceed it).
+            window: Most batches sent and not yet confirmed; the stage stops taking events
+                while that many wait.
             flush_timeout_s: How long to wait for the server to confirm a batch.
             backoff_s: First and largest delay between attempts to send a failed batch.
             msg_id_header: Send each event with a ``Nats-Msg-Id: <event id>`` header so
                 the stream stores a re-sent event once (about 30% slower).
         """
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        if max_batch < 1 or window < 1:
+            raise ValueError("max_batch and window must be at least 1")
+        self._window = window
         self._nc = nc
         self._events = events
         self._max_batch = max_batch
@@ -125,95 +134,152 @@ class Publisher:
             PublisherClosedError: The NATS connection was closed for good.
         """
         task_status.started()
-        async with self._events:
-            ended = False
-            while not ended:
-                try:
-                    first = await self._events.receive()
-                except anyio.EndOfStream:
-                    break
-                # Stages may send one event or a list of events (cheaper per event).
-                batch = list(first) if isinstance(first, list) else [first]
-                idle = False
-                while len(batch) < self._max_batch:
+        sent, unconfirmed = anyio.create_memory_object_stream[_Frames](self._window - 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._confirm, unconfirmed)
+            async with sent, self._events:
+                ended = False
+                while not ended:
                     try:
-                        item = self._events.receive_nowait()
-                        if isinstance(item, list):
-                            batch.extend(item)
-                        else:
-                            batch.append(item)
-                    except anyio.WouldBlock:
-                        if idle:
-                            break
-                        # Let producers run once: while events keep coming the batch grows,
-                        # so a busy pipeline pays one flush round trip per max_batch events.
-                        idle = True
-                        await anyio.lowlevel.checkpoint()
-                        continue
+                        first = await self._events.receive()
                     except anyio.EndOfStream:
-                        ended = True
                         break
+                    # Stages send one event, a list of events, or events already encoded.
+                    batch = Encoded()
+                    self._add(batch, first)
                     idle = False
-                self._received += len(batch)
-                await self._deliver(self._encode_batch(batch))
+                    while len(batch) < self._max_batch:
+                        try:
+                            self._add(batch, self._events.receive_nowait())
+                        except anyio.WouldBlock:
+                            if idle:
+                                break
+                            # Let producers run once: while events keep coming the batch grows.
+                            idle = True
+                            await anyio.lowlevel.checkpoint()
+                            continue
+                        except anyio.EndOfStream:
+                            ended = True
+                            break
+                        idle = False
+                    self._received += len(batch)
+                    frames = self._frame(batch)
+                    await self._send_retrying(frames)
+                    await sent.send(frames)  # blocks while `window` batches are unconfirmed
         log.info("publisher_finished", confirmed=self._confirmed)
 
-    def _encode_batch(self, batch: list[Event]) -> list[tuple[str, bytes, str]]:
-        encoded: list[tuple[str, bytes, str]] = []
-        append = encoded.append
+    def _add(self, batch: Encoded, item: Event | list[Event] | Encoded) -> None:
+        if isinstance(item, Encoded):
+            batch.subjects += item.subjects
+            batch.payloads += item.payloads
+            batch.ids += item.ids
+            return
         encode = self._encode
-        max_payload = self._nc.max_payload or math.inf
-        for event in batch:
-            payload = encode(event)
-            if len(payload) > max_payload:
-                self._undeliverable += 1
-                log.error(
-                    "event_undeliverable",
-                    event_id=event.id,
-                    size=len(payload),
-                    max_payload=max_payload,
-                )
-                continue
-            append((subject_for(event), payload, event.id))  # cached per (host, direction, verdict)
-        return encoded
+        for event in item if isinstance(item, list) else (item,):
+            batch.add(subject_for(event).encode(), encode(event), event.id)
 
-    async def _deliver(self, batch: list[tuple[str, bytes, str]]) -> None:
-        """Send one batch and wait for the server to confirm it, retrying until it does."""
+    def _frame(self, batch: Encoded) -> _Frames:
+        """The batch as NATS protocol: one PUB (or HPUB with a message id) per event.
+
+        An event larger than the server's max payload can never be sent: it is counted and
+        logged with its id, and left out.
+        """
+        max_payload = self._nc.max_payload or math.inf
+        pieces: list[bytes] = []  # joined once: no copy of a payload into a frame of its own
+        extend = pieces.extend
+        events = sizes = 0
+        for subject, payload, event_id in zip(batch.subjects, batch.payloads, batch.ids, strict=True):
+            size = len(payload)
+            if size > max_payload:
+                self._undeliverable += 1
+                log.error("event_undeliverable", event_id=event_id, size=size, max_payload=max_payload)
+                continue
+            if self._msg_id_header:
+                header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % event_id.encode()
+                extend((b"HPUB %s %d %d\r\n" % (subject, len(header), len(header) + size), header, payload, CRLF))
+            else:
+                extend((b"PUB %s %d\r\n" % (subject, size), payload, CRLF))
+            events += 1
+            sizes += size
+        return _Frames(b"".join(pieces), events, sizes)
+
+    async def _send_retrying(self, batch: _Frames) -> None:
+        """Queue one batch on the client, retrying with backoff until it is accepted."""
         attempt = 0
         while True:
             try:
                 await self._send(batch)
-                await server_barrier(self._nc, timeout=self._flush_timeout_s)
+                return
             except (nats.errors.Error, OSError) as exc:
-                if self._nc.is_closed:
-                    log.error("publish_connection_closed", pending=len(batch), error=repr(exc))
-                    raise PublisherClosedError(
-                        f"NATS connection closed with {len(batch)} events not confirmed"
-                    ) from exc
-                self._publish_failures += 1
-                delay = min(self._backoff_s[0] * (2**attempt), self._backoff_s[1])
-                log.warning(
-                    "publish_failed",
-                    error=repr(exc),
-                    attempt=attempt + 1,
-                    events=len(batch),
-                    retry_in_s=delay,
-                )
-                attempt += 1
-                await anyio.sleep(delay)  # backoff before sending the batch again
-                self._retried += len(batch)
-                continue
-            self._confirmed += len(batch)
-            self._batches += 1
-            if attempt:
-                log.info("publish_recovered", attempts=attempt + 1, events=len(batch))
-            return
+                attempt = await self._failed(exc, attempt, batch.events)
 
-    async def _send(self, batch: list[tuple[str, bytes, str]]) -> None:
-        publish = self._nc.publish
-        if self._msg_id_header:
-            for subject, payload, event_id in batch:
-                await publish(subject, payload, headers={"Nats-Msg-Id": event_id})
-        else:
-            for subject, payload, _ in batch:
-                await publish(subject, payload)
+    async def _confirm(self, unconfirmed: MemoryObjectReceiveStream[_Frames]) -> None:
+        """Confirm sent batches in order: one round trip confirms all that were sent before it."""
+        async with unconfirmed:
+            async for first in unconfirmed:
+                pending = [first]
+                while True:
+                    try:
+                        pending.append(unconfirmed.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                attempt = 0
+                while True:
+                    try:
+                        await server_barrier(self._nc, timeout=self._flush_timeout_s)
+                        break
+                    except (nats.errors.Error, OSError) as exc:
+                        events = sum(b.events for b in pending)
+                        attempt = await self._failed(exc, attempt, events)
+                    # Not confirmed: send every pending batch again before the next round trip.
+                    try:
+                        for b in pending:
+                            await self._send(b)
+                    except (nats.errors.Error, OSError):
+                        continue  # the next round trip fails too, and backs off
+                    self._retried += sum(b.events for b in pending)
+                events = sum(b.events for b in pending)
+                self._confirmed += events
+                self._batches += len(pending)
+                if attempt:
+                    log.info("publish_recovered", attempts=attempt + 1, events=events)
+
+    async def _failed(self, exc: BaseException, attempt: int, events: int) -> int:
+        """Count and log a failed attempt, then back off; the next attempt's number."""
+        if self._nc.is_closed:
+            log.error("publish_connection_closed", pending=events, error=repr(exc))
+            raise PublisherClosedError(f"NATS connection closed with {events} events not confirmed") from exc
+        self._publish_failures += 1
+        delay = min(self._backoff_s[0] * (2**attempt), self._backoff_s[1])
+        log.warning("publish_failed", error=repr(exc), attempt=attempt + 1, events=events, retry_in_s=delay)
+        await anyio.sleep(delay)  # backoff before sending again
+        return attempt + 1
+
+    async def _send(self, batch: _Frames) -> None:
+        """Queue the batch's protocol bytes on the client, as its own publish() would.
+
+        nats-py has no batch publish, and one ``publish()`` per event costs more than the rest
+        of the pipeline. The client's command queue (``_send_command``, then ``_flush_pending``
+        to wake its flusher) is what ``publish()`` itself uses after building one PUB; this does
+        the same for many, with the same checks. Pinned to nats-py 2.x in pyproject.toml;
+        tests/bus cover it against a real server.
+        """
+        nc = self._nc
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if nc.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        size = len(batch.data)
+        if not nc.is_connected and (nc._max_pending_size <= 0 or size + nc.pending_data_size > nc._max_pending_size):
+            raise nats.errors.OutboundBufferLimitError  # reconnecting, and the reconnect buffer is full
+        nc.stats["out_msgs"] += batch.events
+        nc.stats["out_bytes"] += batch.payload_bytes
+        await nc._send_command(batch.data)
+        if nc._flush_queue is not None and nc._flush_queue.empty():
+            await nc._flush_pending()
+
+
+class _Frames(NamedTuple):
+    data: bytes  # PUB/HPUB commands, back to back
+    events: int
+    payload_bytes: int

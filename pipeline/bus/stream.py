@@ -26,6 +26,7 @@ def stream_config(
     max_age_s: float = DEFAULT_MAX_AGE_S,
     max_bytes: int = DEFAULT_MAX_BYTES,
     duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S,
+    storage: str = "file",
 ) -> StreamConfig:
     """Build the events stream configuration (file storage, limits retention, discard old).
 
@@ -44,7 +45,7 @@ def stream_config(
         description="tool events: every decision the agent published",
         subjects=list(subjects),
         retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
+        storage=StorageType.MEMORY if storage == "memory" else StorageType.FILE,
         discard=DiscardPolicy.OLD,
         max_age=max_age_s,
         max_bytes=max_bytes,
@@ -61,6 +62,7 @@ async def ensure_stream(
     max_age_s: float = DEFAULT_MAX_AGE_S,
     max_bytes: int = DEFAULT_MAX_BYTES,
     duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S,
+    storage: str = "file",
 ) -> StreamInfo:
     """Create the events stream, or update it to this configuration if it exists.
 
@@ -81,6 +83,7 @@ async def ensure_stream(
         max_age_s=max_age_s,
         max_bytes=max_bytes,
         duplicate_window_s=duplicate_window_s,
+        storage=storage,
     )
     try:
         await js.stream_info(name)

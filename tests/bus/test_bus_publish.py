@@ -17,6 +17,7 @@ from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
 from pipeline.bus.stream import ensure_stream
 from pipeline.events import ConnectionEvent, Event, decoder, subject_for
+from pipeline.hotpath import Encoded
 
 from .bus_testkit import connection_event, events
 
@@ -61,6 +62,37 @@ async def test_delivers_every_event_in_order_with_exact_counts(agent_nc: NATS, c
             assert msg.subject == subject_for(event)
             received.append(event)
     assert [e.seq for e in received] == list(range(1, n + 1))
+    assert received == batch
+    assert await _stream_messages(agent_nc) == n
+
+
+async def test_encoded_batches_and_events_interleave_in_order_with_a_small_window(
+    agent_nc: NATS, consumer_nc: NATS
+) -> None:
+    """Pre-encoded batches (the pipeline's hot path) and single events keep their order, and a
+    window of 2 unconfirmed batches still confirms every event exactly once."""
+    n = 3000
+    sub = await consumer_nc.subscribe("tool.events.>", pending_msgs_limit=n * 2)
+    await server_barrier(consumer_nc)
+    batch = events(n)
+    send, receive = anyio.create_memory_object_stream[Event | Encoded](4)
+    publisher = Publisher(agent_nc, receive, max_batch=100, window=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(publisher.run)
+        async with send:
+            for start in range(0, n, 250):
+                if start % 500:
+                    for event in batch[start : start + 250]:
+                        await send.send(event)
+                else:
+                    encoded = Encoded()
+                    for event in batch[start : start + 250]:
+                        encoded.add(subject_for(event).encode(), msgspec.json.encode(event), event.id)
+                    await send.send(encoded)
+    counters = publisher.counters()
+    assert (counters.received, counters.confirmed, counters.publish_failures) == (n, n, 0)
+    with anyio.fail_after(10):
+        received = [decoder.decode((await sub.next_msg(timeout=10)).data) for _ in range(n)]
     assert received == batch
     assert await _stream_messages(agent_nc) == n
 

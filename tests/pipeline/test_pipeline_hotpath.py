@@ -1,0 +1,165 @@
+"""The hot path publishes exactly what the typed reference path would, byte for byte.
+
+The agent encodes connection events from raw kernel records with pre-encoded pieces
+(pipeline.hotpath); the typed path (decode -> Enricher -> EventBuilder -> msgspec) is the
+contract's reference. Random records go through both, through the real stage functions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loaders import abi
+from loaders.cgroup import cgroup2_root
+from pipeline import decode as dec
+from pipeline import hotpath as hot
+from pipeline.events import ConnectionEvent, RuleRef, subject_for
+from pipeline.score import Baseline
+from pipeline.stages import (
+    Batch,
+    Enriched,
+    Enricher,
+    EventBuilder,
+    PipelineStats,
+    _default_explanation,
+    destination_key,
+    enrich_stage,
+    match_stage,
+    score_stage,
+)
+
+CGROUP_ROOT = cgroup2_root()
+PID = os.getpid()
+_CLK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def _own_task() -> tuple[int, int, int]:
+    """This process's exec id (start time) and cgroup id, as the kernel would report them."""
+    with open(f"/proc/{PID}/stat") as f:
+        start = int(f.read().rsplit(")", 1)[1].split()[19]) * _CLK_NS
+    return PID, start, 0
+
+
+def describe(rule_id: int, generation: int) -> tuple[str | None, str | None, str]:
+    return f"rule-{rule_id}", f"/etc/tool/policy-{generation}.yaml", f"rule {rule_id} of generation {generation}"
+
+
+V4 = st.builds(lambda a: b"\0" * 10 + b"\xff\xff" + a, st.binary(min_size=4, max_size=4))
+V6 = st.binary(min_size=16, max_size=16)
+ADDR = st.one_of(V4, V6, st.just(b"\0" * 16), st.sampled_from([b"\0" * 10 + b"\xff\xff\x7f\0\0\x01"]))
+RECORD = st.fixed_dictionaries({
+    "kind": st.integers(abi.EV_CONNECT, abi.EV_SOCKET),
+    "flags": st.sets(st.sampled_from([abi.F_V4, abi.F_UNKNOWN, abi.F_PACKET, abi.F_NO_TASK])).map(sum),
+    "seq": st.integers(0, 1 << 40),
+    "cpu": st.integers(0, 3),
+    "own_task": st.booleans(),
+    "pid": st.integers(1, 4_000_000),
+    "uid": st.sampled_from([0, 1, 65534, 4242]),
+    "netns": st.sampled_from([0, 4026531840, 99]),
+    "family": st.sampled_from([2, 10, 17]),
+    "protocol": st.sampled_from([6, 17, 1, 58, 255, 132, 200]),
+    "direction": st.sampled_from([abi.DIR_EGRESS, abi.DIR_INGRESS, abi.DIR_LISTEN, abi.DIR_RAW]),
+    "verdict": st.sampled_from([abi.VERDICT_ALLOW, abi.VERDICT_BLOCK, abi.VERDICT_WOULD_BLOCK, abi.VERDICT_ALERT]),
+    "mode": st.sampled_from([abi.MODE_DETECT, abi.MODE_PREVENT]),
+    "action": st.sampled_from([abi.ACT_ALLOW, abi.ACT_ALERT, abi.ACT_DENY]),
+    "rule_id": st.one_of(st.just(0), st.integers(1, 5)),
+    "gen": st.integers(1, 3),
+    "local": ADDR,
+    "remote": ADDR,
+    "lport": st.sampled_from([0, 22, 443, 40000]),
+    "rport": st.sampled_from([0, 53, 443, 8080]),
+    "repeat": st.sampled_from([0, 0, 7]),
+    "comm": st.sampled_from([b"python3", b"curl", b"\xff\xfe bad utf8"]),
+})  # fmt: skip
+
+
+def pack(r: dict[str, Any], ts: int) -> bytes:
+    pid, exec_id, cgroup_id = _own_task() if r["own_task"] else (r["pid"], 123456789, 0)
+    return abi.CONN_RECORD.pack(
+        r["kind"], abi.CONN_RECORD.size, r["flags"], ts, r["seq"], r["cpu"], abi.ABI_VERSION,
+        pid, pid, 1, r["uid"], r["uid"], 0, exec_id, cgroup_id, r["comm"].ljust(16, b"\0")[:16],
+        r["netns"], 77, r["family"], r["protocol"], r["direction"], r["verdict"], r["mode"], r["action"], 1,
+        r["rule_id"], r["gen"], r["local"], r["remote"], r["lport"], r["rport"], r["repeat"],
+    )  # fmt: skip
+
+
+async def hot_path(records: list[bytes], baseline: Baseline) -> hot.Encoded:
+    enricher = Enricher(CGROUP_ROOT)
+    stats = PipelineStats()
+    s1, r1 = anyio.create_memory_object_stream[Batch](1)
+    s2, r2 = anyio.create_memory_object_stream[Batch](1)
+    s3, r3 = anyio.create_memory_object_stream[Batch](1)
+    s4, r4 = anyio.create_memory_object_stream[Any](1)
+    out: list[hot.Encoded] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(enrich_stage, r1, s2, enricher, stats)
+        tg.start_soon(match_stage, r2, s3, describe, stats)
+        tg.start_soon(
+            score_stage, r3, s4, baseline, hot.EventEncoder("host-1", "inst", 5), EventBuilder("host-1", "inst", 5),
+            stats,
+        )  # fmt: skip
+        async with s1:
+            await s1.send(Batch([hot.CONN.unpack(r) for r in records]))
+        async with r4:
+            async for item in r4:
+                out.append(item)
+    assert len(out) == 1
+    return out[0]
+
+
+def reference(records: list[bytes], baseline: Baseline) -> list[tuple[bytes, bytes, str]]:
+    enricher = Enricher(CGROUP_ROOT)
+    builder = EventBuilder("host-1", "inst", 5)
+    out = []
+    for raw in records:
+        rec = dec.decode(raw)
+        assert isinstance(rec, dec.ConnRecord)
+        item = enricher.enrich(rec)
+        if rec.rule_id:
+            name, source, explanation = describe(rec.rule_id, rec.policy_gen)
+            item.rule = RuleRef(id=rec.rule_id, name=name, policy=source, explanation=explanation)
+        else:
+            item.rule = RuleRef(id=0, explanation=_default_explanation(rec))
+        process = item.process
+        anomaly = baseline.observe(process.exe or f"comm:{process.comm}", destination_key(rec), 1.0)
+        event = builder.connection(Enriched(rec, item.process, item.cgroup, item.rule), anomaly)
+        out.append((subject_for(event).encode(), msgspec.json.encode(event), event.id))
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(RECORD, min_size=1, max_size=40))
+def test_hot_path_bytes_equal_the_typed_events(records: list[dict[str, Any]]) -> None:
+    raws = [pack(r, 1000 + i) for i, r in enumerate(records)]
+    got = anyio.run(hot_path, raws, Baseline(None, warmup_observations=3))
+    want = reference(raws, Baseline(None, warmup_observations=3))
+    assert list(zip(got.subjects, got.payloads, got.ids, strict=True)) == want
+    for payload in got.payloads:  # consumers decode it as the published type, and nothing is lost
+        assert msgspec.json.encode(msgspec.json.decode(payload, type=ConnectionEvent)) == payload
+
+
+def test_conn_tuple_matches_the_reference_decoder() -> None:
+    raw = pack(
+        {"kind": abi.EV_ACCEPT, "flags": abi.F_V4, "seq": 9, "cpu": 1, "own_task": True, "pid": 1, "uid": 0,
+         "netns": 5, "family": 2, "protocol": 6, "direction": abi.DIR_INGRESS, "verdict": abi.VERDICT_ALLOW,
+         "mode": abi.MODE_PREVENT, "action": abi.ACT_ALLOW, "rule_id": 3, "gen": 2,
+         "local": b"\0" * 10 + b"\xff\xff\x0a\0\0\x01", "remote": bytes(range(16)), "lport": 22, "rport": 40000,
+         "repeat": 2, "comm": b"sshd"}, 42,
+    )  # fmt: skip
+    assert hot.conn_record(hot.CONN.unpack(raw)) == dec.decode(raw)._replace(sock_cookie=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["/bin/a", "/bin/b"]), st.sampled_from(["x:1", "y:2", "z:3"])), max_size=300))
+def test_observe_json_is_observe_encoded(seq: list[tuple[str, str]]) -> None:
+    fast = Baseline(None, warmup_observations=4, max_destinations=2)
+    slow = Baseline(None, warmup_observations=4, max_destinations=2)
+    for i, (exe, dest) in enumerate(seq):
+        assert bytes(fast.observe_json(exe, dest, float(i))) == msgspec.json.encode(slow.observe(exe, dest, float(i)))
+    assert msgspec.json.encode(fast.profiles) == msgspec.json.encode(slow.profiles)
