@@ -135,6 +135,45 @@ def drain(
     return out
 
 
+def decode_records(
+    raws: list[bytes], see_gap: Callable[[int, int], None], expected: dict[int, int],
+    opened: dict[int, Any], errors: DecodeErrors,
+) -> list[Record]:  # fmt: skip
+    """:func:`drain` for records already copied out of the ring (the libbpf consumer's path)."""
+    unpack = CONN.unpack
+    conn_size = CONN.size
+    first_conn, last_conn = abi.EV_CONNECT, abi.EV_SOCKET
+    version = abi.ABI_VERSION
+    out: list[Record] = []
+    append = out.append
+    for raw in raws:
+        size = len(raw)
+        if size == conn_size and first_conn <= raw[0] | raw[1] << 8 <= last_conn:
+            f = unpack(raw)
+            if f[ABI] != version:
+                errors.add(f"record ABI version {f[ABI]}, this agent speaks {version}", size)
+                continue
+            cpu = f[CPU]
+            seq = f[SEQ]
+            if seq == expected.get(cpu) and cpu not in opened:
+                expected[cpu] = seq + 1
+            else:
+                see_gap(cpu, seq)
+            append(f)
+            continue
+        try:
+            rec = dec.decode(raw)
+        except dec.DecodeError as exc:
+            errors.add(str(exc), size)
+            continue
+        if isinstance(rec, dec.ConnRecord):
+            errors.add(f"connection record of {size} bytes, expected {conn_size}", size)
+            continue
+        see_gap(rec.cpu, rec.seq)
+        append(rec)
+    return out
+
+
 def task_of(raw: bytes) -> dec.Task:
     """The Task of a CONN tuple's raw task bytes."""
     pid, tgid, ppid, uid, gid, _pad, exec_id, cgroup_id, comm = _TASK.unpack(raw)

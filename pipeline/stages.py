@@ -21,7 +21,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from loaders import abi
 from loaders.maps import Map
-from loaders.ringbuf import RingReader
+from loaders.ringbuf import MMAP_READER_SAFE, RingBuffer, RingReader
 from pipeline import decode as dec
 from pipeline import hotpath as hot
 from pipeline.enrich import CgroupNames, ProcessTable, UserNames, process_of
@@ -149,35 +149,83 @@ class Batch:
         self.rules: list[hot.RuleEntry | None] = []
 
 
+class _MmapSource:
+    """Records read in place from the ring's shared memory (x86)."""
+
+    def __init__(self, rb_map: Map, stats: PipelineStats, errors: hot.DecodeErrors) -> None:
+        self._reader = RingReader(rb_map)
+        self._gaps = stats.gaps
+        self._errors = errors
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def take(self, limit: int) -> list[hot.Record]:
+        g = self._gaps
+        return hot.drain(self._reader, g.see, g.expected, g.opened, self._errors, limit)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class _LibbpfSource:
+    """Records copied out by libbpf's consumer, whose loads are ordered on every CPU."""
+
+    def __init__(self, rb_map: Map, stats: PipelineStats, errors: hot.DecodeErrors) -> None:
+        self._pending: list[bytes] = []
+        self._rb = RingBuffer({"events": (rb_map, self._pending.append)})
+        self._gaps = stats.gaps
+        self._errors = errors
+
+    def fileno(self) -> int:
+        return self._rb.fileno()
+
+    def take(self, limit: int) -> list[hot.Record]:
+        if not self._pending:
+            self._rb.consume()
+        raws = self._pending[:limit]
+        del self._pending[:limit]
+        g = self._gaps
+        return hot.decode_records(raws, g.see, g.expected, g.opened, self._errors)
+
+    def close(self) -> None:
+        self._rb.close()
+
+
 async def ring_stage(
     rb_map: Map,
     send: ObjectSendStream[Batch],
     stop: anyio.Event,
     stats: PipelineStats,
     *,
-    task_status: anyio.abc.TaskStatus[RingReader] = anyio.TASK_STATUS_IGNORED,
+    reader: Literal["auto", "mmap", "libbpf"] = "auto",
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Source and decode: read records straight from the ring buffer whenever it is readable.
+    """Source and decode: take records from the ring buffer whenever it is readable.
+
+    ``reader``: "mmap" reads records in place from the ring's shared memory (the fast path,
+    x86 only: see :data:`loaders.ringbuf.MMAP_READER_SAFE`); "libbpf" copies each out through
+    libbpf's consumer; "auto" picks mmap where it is safe.
 
     Hands on at most MAX_BATCH records at a time: with bounded streams downstream, a backlog
     stays in the kernel's ring buffer (where overflow is counted), not in this process's memory.
     After ``stop`` is set, drains what is left, then closes ``send`` (which ends the graph).
     """
-    gaps = stats.gaps
     errors = hot.DecodeErrors(log.error)
-    reader = RingReader(rb_map)
-    fd = reader.fileno()
+    mmap = reader == "mmap" or (reader == "auto" and MMAP_READER_SAFE)
+    source = (_MmapSource if mmap else _LibbpfSource)(rb_map, stats, errors)
+    fd = source.fileno()
 
     def take() -> list[hot.Record]:
         t0 = time.perf_counter()
-        records = hot.drain(reader, gaps.see, gaps.expected, gaps.opened, errors, MAX_BATCH)
+        records = source.take(MAX_BATCH)
         stats.records += len(records)
         stats.decode_errors = errors.count
         stats.timed("decode", time.perf_counter() - t0)
         return records
 
     try:
-        task_status.started(reader)
+        task_status.started()
         async with send:
             while not stop.is_set():
                 records = take()
@@ -189,7 +237,7 @@ async def ring_stage(
             while records := take():
                 await send.send(Batch(records))
     finally:
-        reader.close()
+        source.close()
 
 
 @dataclass(slots=True)
