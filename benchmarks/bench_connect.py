@@ -1,7 +1,8 @@
 """Benchmark: what the sensors add to a loopback TCP connect(), with 100k address rules loaded.
 
 Usage (root): python benchmarks/bench_connect.py [--connects K] [--cycles C] [--rules R]
-                                                 [--flow-intervals 1000,0]
+                                                 [--flow-intervals 1000,0] [--cpu N] [--client-only]
+                                                 [--object PATH]
 
 Setup: one scratch cgroup per configuration:
   * ``off``: nothing attached;
@@ -11,13 +12,22 @@ Setup: one scratch cgroup per configuration:
     With the default 1000 ms window, repeated connects to one destination fold into the flow's
     counter after the first event; with 0 every decision is a ring-buffer event.
 
-One child process then runs C cycles. In each cycle it visits every cgroup in a rotating order:
-it moves itself there (``cgroup.procs``; a socket belongs to the cgroup its creator was in when it
-was made), and K times connects to a listener made in that cgroup, accepts, and closes both ends
-(server side first, so no client port waits in TIME_WAIT). It times the connect() calls and the
-whole iterations. Short interleaved blocks make the comparison robust on a busy machine: each
-cycle gives one paired ratio per configuration, and the medians of those ratios are reported
-(target: connect() under 3% slower with the sensors).
+One child process, pinned to one CPU (``--cpu``; default the highest one, -1: not pinned), runs C cycles.
+In each cycle it visits every configuration in a rotating order: it moves itself into the
+configuration's cgroup (``cgroup.procs``; a socket belongs to the cgroup its creator was in when
+it was made), and K times connects to a listener made in that cgroup, accepts, and closes both
+ends (server side first, so no client port waits in TIME_WAIT). Both ends are thus in the
+measured cgroup: one connect() pays for connect4 and for the client's and the server's ingress
+and sockops programs. It times every connect() call and the whole iterations. Short interleaved
+blocks make the comparison robust on a busy machine: each cycle gives one paired ratio per
+configuration; the medians of those ratios are reported, with their interquartile range, for
+the mean connect() time of a block (the target: under 3% slower with the sensors) and for its
+median connect() time (less sensitive to interrupts and preemption).
+
+``--client-only`` adds, for each ``on`` configuration, one clearly labelled ``/client``
+configuration whose listener is made in the ``off`` cgroup: only the client side is hooked.
+``--object`` loads another build of sensors.bpf.o (for instance an older commit's, from
+``git show REV:loaders/objects/sensors.bpf.o``) to compare before and after with this benchmark.
 
 Then a second, shorter child runs with ``kernel.bpf_stats_enabled=1`` to read the programs' own
 cost (``run_time_ns / run_cnt`` from ``bpftool prog show -j``) for tool_connect4 and the other
@@ -34,6 +44,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
 import random
 import statistics
 import subprocess
@@ -46,7 +57,7 @@ from pathlib import Path
 import structlog
 
 from loaders import cgroup as cg
-from loaders.sensors import Sensors, build_tables
+from loaders.sensors import OBJECT_PATH, Sensors, build_tables
 from pipeline.policy.compiler import CompiledPolicy, KernelRule, WhoClass
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,48 +67,51 @@ EVENTS_PER_CONNECT = 2  # connect (egress) and accept (ingress, from sockops)
 
 CHILD = r"""
 import json, os, socket, sys, time
-cgroups = sys.argv[1].split(",")
-k, cycles, warmup = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+from array import array
+configs = json.loads(sys.argv[1])  # [[client cgroup, listener cgroup], ...]
+k, cycles, warmup, cpu = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
 clock = time.perf_counter_ns
 
 def enter(path):
     with open(os.path.join(path, "cgroup.procs"), "w") as f:
         f.write("0\n")
 
-listeners = {}
-for path in cgroups:
-    enter(path)
+listeners = []
+for client, listen in configs:
+    enter(listen)
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lst.bind(("127.0.0.1", 0))
     lst.listen(1024)
-    listeners[path] = lst
+    listeners.append(lst)
 
-def block(path, count):
-    enter(path)
-    lst = listeners[path]
+def block(i, count):
+    enter(configs[i][0])
+    lst = listeners[i]
     addr = lst.getsockname()
-    connect_ns = 0
+    times = array("q", bytes(8 * count))
     start = clock()
-    for _ in range(count):
+    for j in range(count):
         c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         t0 = clock()
         c.connect(addr)
-        connect_ns += clock() - t0
+        times[j] = clock() - t0
         s, _ = lst.accept()
         s.close()
         c.close()
-    return clock() - start, connect_ns
+    total = clock() - start
+    return [total / count / 1000, sum(times) / count / 1000, sorted(times)[count // 2] / 1000]
 
-for path in cgroups:
-    block(path, warmup)
-out = {path: [] for path in cgroups}
-n = len(cgroups)
+n = len(configs)
+for i in range(n):
+    if warmup:
+        block(i, warmup)
+out = [[] for _ in range(n)]
 for cycle in range(cycles):
-    order = cgroups[cycle % n:] + cgroups[:cycle % n]
-    for path in order:
-        total, conn = block(path, k)
-        out[path].append([total / k / 1000, conn / k / 1000])
-enter(cgroups[0])
+    for i in [(cycle + j) % n for j in range(n)]:
+        out[i].append(block(i, k))
+enter(configs[0][0])
 print(json.dumps(out))
 """
 
@@ -160,23 +174,40 @@ def ringbuf_size(connects: int) -> int:
     return size
 
 
-def run_child(cgroups: list[str], k: int, cycles: int, warmup: int) -> dict[str, list[list[float]]]:
+def run_child(
+    configs: list[tuple[str, str]], k: int, cycles: int, warmup: int, cpu: int
+) -> list[list[list[float]]]:
     """Run the interleaved connect blocks in one new process.
 
+    Args:
+        configs: (client cgroup, listener cgroup) of each configuration.
+        k: connects per block.
+        cycles: blocks per configuration.
+        warmup: untimed connects per configuration first.
+        cpu: the CPU the child is pinned to (-1: not pinned).
+
     Returns:
-        Per cgroup, one [us per iteration, us per connect()] pair per cycle.
+        Per configuration, one [us per iteration, mean us per connect(), median us per connect()]
+        triple per cycle.
     """
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, ",".join(cgroups), str(k), str(cycles), str(warmup)],
-        preexec_fn=cg.enter(cgroups[0]),
+        [sys.executable, "-c", CHILD, json.dumps(configs), str(k), str(cycles), str(warmup), str(cpu)],
+        preexec_fn=cg.enter(configs[0][0]),
         check=True,
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=3600,
     )
-    result: dict[str, list[list[float]]] = json.loads(out.stdout)
+    result: list[list[list[float]]] = json.loads(out.stdout)
     return result
+
+
+def paired(rows: list[list[float]], base: list[list[float]], field: int) -> tuple[float, float, float]:
+    """Median and interquartile range of the per-cycle ratios ``rows[i][field] / base[i][field]``, minus 1."""
+    ratios = [r[field] / b[field] - 1 for r, b in zip(rows, base, strict=True)]
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return med, q1, q3
 
 
 def prog_id(fd: int) -> int:
@@ -221,6 +252,11 @@ def main() -> None:
     ap.add_argument("--stats-cycles", type=int, default=5, help="cycles of the bpf_stats run")
     ap.add_argument("--rules", type=int, default=100_000)
     ap.add_argument("--flow-intervals", default="1000,0", help="flow_interval_ms values to measure")
+    ap.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
+                    help="CPU to pin the child to (default: the highest this process may use; -1: not pinned)")
+    ap.add_argument("--object", type=Path, default=OBJECT_PATH, help="the sensors object to load")
+    ap.add_argument("--client-only", action="store_true",
+                    help="also measure each 'on' configuration with the listener outside the cgroup")
     args = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     intervals = [int(x) for x in args.flow_intervals.split(",")]
@@ -230,7 +266,8 @@ def main() -> None:
     tables = build_tables(policy, cg.cgroup2_root())
     print(f"policy: {len(policy.entries)} kernel entries in {len(tables.nodes)} LPM nodes "
           f"(built in {time.perf_counter() - t0:.1f}s)")
-    total_connects = (args.cycles + args.stats_cycles) * args.connects + 2 * args.warmup
+    total_connects = (args.cycles * (2 if args.client_only else 1) + args.stats_cycles) * args.connects \
+        + 3 * args.warmup
 
     with ExitStack() as stack:
         off = stack.enter_context(cg.scratch_cgroup("toolbench-off"))
@@ -241,7 +278,7 @@ def main() -> None:
             labels[path] = f"on@{ms}ms"
             t0 = time.perf_counter()
             s = stack.enter_context(
-                Sensors.load(path, mode="prevent", flow_interval_ms=ms,
+                Sensors.load(path, object_path=args.object, mode="prevent", flow_interval_ms=ms,
                              ringbuf_bytes=ringbuf_size(total_connects))
             )
             s.apply_policy(tables)
@@ -249,32 +286,37 @@ def main() -> None:
             print(f"{labels[path]}: sensors loaded and policy applied in {time.perf_counter() - t0:.1f}s; "
                   f"{len(s.links)} programs attached, missing: {sorted(s.missing) or 'none'}")
         paths = list(labels)
+        configs = [(p, p) for p in paths]
+        names = [labels[p] for p in paths]
+        if args.client_only:
+            configs += [(p, off) for p in paths[1:]]
+            names += [f"{labels[p]}/client" for p in paths[1:]]
 
         t0 = time.perf_counter()
-        result = run_child(paths, args.connects, args.cycles, args.warmup)
-        print(f"{args.cycles} cycles x {len(paths)} cgroups x {args.connects} connects "
-              f"in {time.perf_counter() - t0:.0f}s")
+        result = run_child(configs, args.connects, args.cycles, args.warmup, args.cpu)
+        print(f"{args.cycles} cycles x {len(configs)} configurations x {args.connects} connects "
+              f"in {time.perf_counter() - t0:.0f}s (child pinned to CPU {args.cpu})")
         with bpf_stats_enabled():
-            run_child(paths[1:], args.connects, args.stats_cycles, 0)
+            run_child([(p, p) for p in paths[1:]], args.connects, args.stats_cycles, 0, args.cpu)
             stats = {p: prog_stats(s) for p, s in sensors.items()}
         counters = {p: s.counters() for p, s in sensors.items()}
 
-    base = result[off]
+    base = result[0]
     base_iter = statistics.median(r[0] for r in base)
     base_conn = statistics.median(r[1] for r in base)
     print()
-    print("medians over cycles; ratios are paired per cycle (same child, adjacent blocks)")
-    print(f"{'':>10}  {'us/iter':>8}  {'us/connect':>10}  {'min us/connect':>14}  "
-          f"{'iter vs off':>11}  {'connect vs off':>14}")
-    print(f"{'off':>10}  {base_iter:8.2f}  {base_conn:10.2f}  {min(r[1] for r in base):14.2f}")
-    for path in paths[1:]:
-        rows = result[path]
-        iter_ratio = statistics.median(r[0] / b[0] for r, b in zip(rows, base, strict=True))
-        conn_ratio = statistics.median(r[1] / b[1] for r, b in zip(rows, base, strict=True))
-        print(f"{labels[path]:>10}  {statistics.median(r[0] for r in rows):8.2f}  "
-              f"{statistics.median(r[1] for r in rows):10.2f}  {min(r[1] for r in rows):14.2f}  "
-              f"{100 * (iter_ratio - 1):+10.1f}%  {100 * (conn_ratio - 1):+13.1f}%")
-    print("target: connect() under 3% slower with the sensors attached")
+    print("medians over cycles; ratios are paired per cycle (same child, adjacent blocks), "
+          "[interquartile range]; '/client': listener outside the cgroup (client side hooked only)")
+    print(f"{'':>17}  {'us/iter':>7}  {'us/connect':>10}  {'iter vs off':>11}  "
+          f"{'connect (mean) vs off':>27}  {'connect (median) vs off':>27}")
+    print(f"{'off':>17}  {base_iter:7.2f}  {base_conn:10.2f}")
+    for name, rows in zip(names[1:], result[1:], strict=True):
+        it, conn, med = paired(rows, base, 0), paired(rows, base, 1), paired(rows, base, 2)
+        print(f"{name:>17}  {statistics.median(r[0] for r in rows):7.2f}  "
+              f"{statistics.median(r[1] for r in rows):10.2f}  {100 * it[0]:+10.1f}%  "
+              f"{100 * conn[0]:+8.1f}% [{100 * conn[1]:+5.1f}, {100 * conn[2]:+5.1f}]  "
+              f"{100 * med[0]:+8.1f}% [{100 * med[1]:+5.1f}, {100 * med[2]:+5.1f}]")
+    print("target: connect() (mean) under 3% slower with the sensors attached")
     print()
     print("kernel counters (whole run):")
     for path in paths[1:]:

@@ -2,8 +2,9 @@
 /*
  * sensors.bpf.c: the kernel side of tool. Every connection attempt, listener,
  * raw/packet socket and exec/exit is decided here and reported through one
- * ring buffer. Verdicts are computed from the policy maps on every call (the
- * flow cache only folds repeated events, it never caches a verdict).
+ * ring buffer. Verdicts are derived on every call from the active policy and
+ * mode; the flow cache folds repeated events and keeps the rule walk's result
+ * for one policy generation (never a verdict: see decide()).
  *
  * Hooks (see docs/architecture.md for why each was chosen):
  *   cgroup/connect4|6      outbound TCP and connected UDP      (can refuse: EPERM)
@@ -167,6 +168,7 @@ struct inbound_key {
 };
 struct inbound_decision {
 	__u32 rule_id;
+	__u32 generation;
 	__u8 verdict;
 	__u8 action;
 	__u8 unknown;
@@ -449,9 +451,72 @@ __noinline __u64 tool_rule_walk(__u64 sel, __u64 addr_lo, __u64 addr_hi, __u64 w
 	return WALK_RESULT(best, best_id);
 }
 
-/* Decide a flow: the walk, then the default for (mode, direction), then the verdict. */
-static __always_inline void decide(struct decision *d, struct subject *s, __u8 direction, __u8 protocol,
-				   const __u8 addr[16], __u16 port, struct __sk_buff *skb)
+/* ---- the flow: what a decision is about, its cached walk and its folding ---- */
+
+/* The walk result cached in a flow entry (tool_flow_value.walk). */
+#define WALK_CACHE(gen, action, id) (((__u64)(gen) << 32) | ((__u64)(action) << 24) | (__u64)(id))
+#define WALK_CACHE_MAX_ID 0xffffff
+
+struct flow {
+	struct tool_flow_key key;
+	struct tool_flow_value *v; /* the entry in `flows`, NULL if none */
+	__u64 walk;                /* this decision's walk result as cached (0: none, not cacheable) */
+	__u32 dims;                /* dims_used of the policy that decided */
+};
+
+/* decide() options (constants: the function is inlined). */
+#define DECIDE_UNCOUNTED 1 /* a second look at a decision already counted (sockops) */
+#define DECIDE_NO_CGROUP 2 /* softirq without an skb: the socket's cgroup is unknown */
+
+static __always_inline void flow_init(struct flow *f, struct subject *s, __u8 direction, __u8 protocol,
+				      const __u8 addr[16], __u16 port)
+{
+	f->key.tgid = s->task.tgid;
+	f->key.direction = direction;
+	f->key.protocol = protocol;
+	f->key.port = port;
+	__builtin_memcpy(f->key.addr, addr, 16);
+	f->key.exec_id = s->task.exec_id;
+	f->v = NULL;
+	f->walk = 0;
+}
+
+/*
+ * Put the subject's values of the dimensions the policy conditions on into the
+ * flow key: the walk result cached in the entry then holds for every decision
+ * that finds the entry under the same generation. skb != NULL: softirq, the
+ * subject is the listener's and the cgroup is the socket's (as in who_mask).
+ */
+static __always_inline void flow_subject(struct flow *f, __u32 used, struct subject *s, struct __sk_buff *skb)
+{
+	if (used & (1 << TOOL_DIM_EXE)) {
+		f->key.exe_ino = s->exe_ino;
+		f->key.exe_dev = s->exe_dev;
+	}
+	if (!(used & ((1 << TOOL_DIM_UID) | (1 << TOOL_DIM_GID) | (1 << TOOL_DIM_COMM) | (1 << TOOL_DIM_CGROUP))))
+		return;
+	subject_complete(s);
+	if (used & (1 << TOOL_DIM_UID))
+		f->key.uid = s->task.uid;
+	if (used & (1 << TOOL_DIM_GID))
+		f->key.gid = s->task.gid;
+	if (used & (1 << TOOL_DIM_COMM))
+		__builtin_memcpy(f->key.comm, s->task.comm, TOOL_COMM_LEN);
+	if (used & (1 << TOOL_DIM_CGROUP))
+		f->key.cgroup_id = skb ? bpf_skb_cgroup_id(skb) : s->task.cgroup_id;
+}
+
+/*
+ * Decide a flow: the walk (or its result cached in the flow's entry for this
+ * policy generation), then the default for (mode, direction), then the
+ * verdict. Looks the flow's entry up (f->v) for flow_fold. The cache holds
+ * only the walk's result, never a verdict: mode and defaults are applied here
+ * at every decision, and a new generation (every policy apply) misses.
+ * Returns 0 (and decides nothing) when opts has DECIDE_NO_CGROUP and the
+ * policy conditions on cgroups.
+ */
+static __always_inline int decide(struct decision *d, struct subject *s, struct flow *f, __u8 direction,
+				  struct __sk_buff *skb, int opts)
 {
 	__u32 mode = config_get(TOOL_CFG_MODE);
 	__u32 slot = config_get(TOOL_CFG_ACTIVE_SLOT) & 1;
@@ -462,15 +527,36 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
 	d->generation = 0;
 
 	struct tool_slot_cfg *cfg = bpf_map_lookup_elem(&slot_cfg, &slot);
-	if (cfg && cfg->generation) {
-		__u64 who = who_mask(slot, cfg, s, skb);
-		__u64 addr_lo, addr_hi;
-		__builtin_memcpy(&addr_lo, addr, 8);
-		__builtin_memcpy(&addr_hi, addr + 8, 8);
-		__u64 r = tool_rule_walk(WALK_SEL(slot, direction, protocol, port), addr_lo, addr_hi, who);
-		best = r >> 32;
-		best_id = (__u32)r;
-		d->generation = cfg->generation;
+	__u32 gen = cfg ? cfg->generation : 0;
+	if (gen) {
+		f->dims = cfg->dims_used;
+		if ((opts & DECIDE_NO_CGROUP) && (f->dims & (1 << TOOL_DIM_CGROUP)))
+			return 0;
+		flow_subject(f, f->dims, s, skb);
+	}
+	f->v = bpf_map_lookup_elem(&flows, &f->key);
+	if (cfg && gen) {
+		__u64 cached = f->v ? *(volatile __u64 *)&f->v->walk : 0;
+		if (cached >> 32 == gen) {
+			best = (__u8)(cached >> 24);
+			best_id = cached & WALK_CACHE_MAX_ID;
+			f->walk = cached;
+		} else {
+			__u64 who = who_mask(slot, cfg, s, skb);
+			__u64 addr_lo, addr_hi;
+			__builtin_memcpy(&addr_lo, f->key.addr, 8);
+			__builtin_memcpy(&addr_hi, f->key.addr + 8, 8);
+			__u64 r = tool_rule_walk(WALK_SEL(slot, direction, f->key.protocol, f->key.port), addr_lo,
+						 addr_hi, who);
+			best = r >> 32;
+			best_id = (__u32)r;
+			if (best_id <= WALK_CACHE_MAX_ID) {
+				f->walk = WALK_CACHE(gen, best, best_id);
+				if (f->v)
+					*(volatile __u64 *)&f->v->walk = f->walk;
+			}
+		}
+		d->generation = gen;
 	}
 
 	d->unknown = best == TOOL_ACT_NONE;
@@ -493,6 +579,8 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
 		d->verdict = TOOL_VERDICT_ALLOW;
 	}
 
+	if (opts & DECIDE_UNCOUNTED)
+		return 1;
 	if (d->verdict == TOOL_VERDICT_BLOCK)
 		count(TOOL_CNT_BLOCKED);
 	else if (d->verdict == TOOL_VERDICT_WOULD_BLOCK)
@@ -501,27 +589,32 @@ static __always_inline void decide(struct decision *d, struct subject *s, __u8 d
 		count(TOOL_CNT_ALLOWED);
 	if (d->unknown)
 		count(TOOL_CNT_UNKNOWN);
+	return 1;
+}
+
+/* Create the flow's entry if it has none (keeping a walk result for the next decision). */
+static __always_inline void flow_insert(struct flow *f, struct decision *d, __u64 last_emit_ns)
+{
+	struct tool_flow_value nv = {
+		.last_emit_ns = last_emit_ns,
+		.decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff),
+		.generation = d->generation,
+		.walk = f->walk,
+	};
+	bpf_map_update_elem(&flows, &f->key, &nv, BPF_ANY);
 }
 
 /*
- * Fold repeats: returns the number of folded decisions to report with a new
- * event, or -1 when this decision is folded into the flow's counter.
+ * Fold repeats (f->v looked up by decide, or by the caller): returns the
+ * number of folded decisions to report with a new event, or -1 when this
+ * decision is folded into the flow's counter.
  */
-static __always_inline long flow_fold(struct subject *s, struct decision *d, __u8 direction, __u8 protocol,
-				      const __u8 addr[16], __u16 port, __u64 now)
+static __always_inline long flow_fold(struct flow *f, struct decision *d, __u64 now)
 {
-	struct tool_flow_key k = {
-		.tgid = s->task.tgid,
-		.direction = direction,
-		.protocol = protocol,
-		.port = port,
-		.exec_id = s->task.exec_id,
-	};
-	__builtin_memcpy(k.addr, addr, 16);
+	struct tool_flow_value *v = f->v;
 	__u64 window = (__u64)config_get(TOOL_CFG_FLOW_INTERVAL_MS) * 1000000ULL;
 	__u32 decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff);
 
-	struct tool_flow_value *v = bpf_map_lookup_elem(&flows, &k);
 	if (v && window && now - v->last_emit_ns < window && v->decision == decision &&
 	    v->generation == d->generation) {
 		__sync_fetch_and_add(&v->repeat, 1);
@@ -536,12 +629,7 @@ static __always_inline long flow_fold(struct subject *s, struct decision *d, __u
 		v->decision = decision;
 		v->generation = d->generation;
 	} else {
-		struct tool_flow_value nv = {
-			.last_emit_ns = now,
-			.decision = decision,
-			.generation = d->generation,
-		};
-		bpf_map_update_elem(&flows, &k, &nv, BPF_ANY);
+		flow_insert(f, d, now);
 	}
 	return repeat;
 }
@@ -595,6 +683,7 @@ static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, __u16 kind, _
 {
 	struct subject s = {};
 	struct decision d = {};
+	struct flow f = {};
 	__u8 remote[16], local[16] = {};
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u8 proto = sock_protocol(ctx->type, ctx->protocol);
@@ -614,10 +703,11 @@ static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, __u16 kind, _
 		return 1; /* an ephemeral bind (a client choosing its source): not a listener */
 
 	subject_current(&s);
-	decide(&d, &s, direction, proto, remote, port, NULL);
+	flow_init(&f, &s, direction, proto, remote, port);
+	decide(&d, &s, &f, direction, NULL, 0);
 
 	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&s, &d, direction, proto, remote, port, now);
+	long repeat = flow_fold(&f, &d, now);
 	if (repeat >= 0) {
 		if (direction == TOOL_DIR_LISTEN)
 			emit_conn(kind, &s, &d, flags, ctx->user_family, proto, ctx->type, direction, remote, port,
@@ -708,13 +798,15 @@ int tool_sock_create(struct bpf_sock *sk)
 
 	struct subject s = {};
 	struct decision d = {};
+	struct flow f = {};
 	__u8 none[16] = {};
 	__u16 proto = (__u16)sk->protocol;
 
 	subject_current(&s);
-	decide(&d, &s, TOOL_DIR_RAW, 0, none, proto, NULL);
+	flow_init(&f, &s, TOOL_DIR_RAW, 0, none, proto);
+	decide(&d, &s, &f, TOOL_DIR_RAW, NULL, 0);
 	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto, now);
+	long repeat = flow_fold(&f, &d, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, 0, sk->family, (__u8)proto, SOCK_RAW, TOOL_DIR_RAW, none, 0,
 			  none, proto, bpf_get_netns_cookie(sk), bpf_get_socket_cookie(sk), repeat, now);
@@ -741,18 +833,20 @@ int tool_packet_socket(struct sys_enter_socket_args *args)
 
 	struct subject s = {};
 	struct decision d = {};
+	struct flow f = {};
 	__u8 none[16] = {};
 	__u16 proto = bpf_ntohs((__u16)args->protocol);
 	__u32 flags = TOOL_F_PACKET;
 
 	subject_current(&s);
-	decide(&d, &s, TOOL_DIR_RAW, 0, none, proto, NULL);
+	flow_init(&f, &s, TOOL_DIR_RAW, 0, none, proto);
+	decide(&d, &s, &f, TOOL_DIR_RAW, NULL, 0);
 	if (d.verdict == TOOL_VERDICT_BLOCK) {
 		bpf_send_signal(SIGKILL);
 		flags |= TOOL_F_KILLED;
 	}
 	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&s, &d, TOOL_DIR_RAW, 0, none, proto, now);
+	long repeat = flow_fold(&f, &d, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, flags, AF_PACKET, 0, (__u8)(args->type & 0xf), TOOL_DIR_RAW,
 			  none, 0, none, proto, 0, 0, repeat, now);
@@ -761,12 +855,12 @@ int tool_packet_socket(struct sys_enter_socket_args *args)
 
 /* ---- inbound ---- */
 
-/* Who owns the socket an inbound packet is for. */
+/* Who owns the socket an inbound packet is for: by socket cookie (0: skip), else by port. */
 static __always_inline int listener_subject(struct subject *s, __u64 sock_cookie, __u64 netns_cookie,
 					    __u16 port, __u8 proto)
 {
 	struct tool_listener_key k = { .cookie = sock_cookie, .port = port, .protocol = proto };
-	struct tool_listener *l = bpf_map_lookup_elem(&listeners, &k);
+	struct tool_listener *l = sock_cookie ? bpf_map_lookup_elem(&listeners, &k) : NULL;
 	if (!l) {
 		k.cookie = netns_cookie;
 		k.by_port = 1;
@@ -781,6 +875,29 @@ static __always_inline int listener_subject(struct subject *s, __u64 sock_cookie
 	return 1;
 }
 
+/*
+ * Whether an inbound packet may be a TCP SYN without ACK: reads the flags in
+ * place (no helper call). 1 when it cannot tell (headers not in the linear
+ * data), so the full parse decides.
+ */
+static __always_inline int may_be_syn(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 off = sizeof(struct ipv6hdr);
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ih = data;
+		if ((void *)(ih + 1) > end)
+			return 1;
+		off = ih->ihl * 4;
+	}
+	__u8 *flags = (__u8 *)data + off + 13; /* byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN */
+	if ((void *)(flags + 1) > end)
+		return 1;
+	return (*flags & 0x12) == 0x02;
+}
+
 SEC("cgroup_skb/ingress")
 int tool_ingress(struct __sk_buff *skb)
 {
@@ -790,15 +907,17 @@ int tool_ingress(struct __sk_buff *skb)
 	__u32 flags = 0;
 	struct tcphdr th;
 
-	/* Most packets belong to established connections: only a packet for a
-	 * listening socket can be a connection attempt, so leave the rest at once
-	 * without reading any header. */
+	/* Only a SYN for a listening socket can be a connection attempt. Most
+	 * packets belong to other sockets: leave after one context read. The
+	 * socket here is always a full one (packets for a request socket are
+	 * filtered against its listener, time-wait sockets are not filtered), and
+	 * its state is readable without bpf_sk_fullsock(). The listener also gets
+	 * the handshake's last ACK: leave that after reading its flags in place. */
 	struct bpf_sock *sk = skb->sk;
-	if (sk) {
-		sk = bpf_sk_fullsock(sk);
-		if (sk && sk->state != BPF_TCP_LISTEN)
-			return 1;
-	}
+	if (sk && sk->state != BPF_TCP_LISTEN)
+		return 1;
+	if (!may_be_syn(skb))
+		return 1;
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ih;
@@ -835,28 +954,40 @@ int tool_ingress(struct __sk_buff *skb)
 
 	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
 	struct decision d = {};
+	struct flow f = {};
 	__u64 netns = bpf_get_netns_cookie(skb);
-	if (!listener_subject(&s, bpf_get_socket_cookie(skb), netns, lport, IPPROTO_TCP)) {
+	int owned = listener_subject(&s, bpf_get_socket_cookie(skb), netns, lport, IPPROTO_TCP);
+	if (!owned) {
 		s.task.uid = bpf_get_socket_uid(skb);
 		s.task.cgroup_id = bpf_skb_cgroup_id(skb);
 	}
 	flags |= TOOL_F_NO_TASK;
-	decide(&d, &s, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport, skb);
+	flow_init(&f, &s, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport);
+	decide(&d, &s, &f, TOOL_DIR_INGRESS, skb, 0);
 
-	struct inbound_key ik = { .remote_port = rport, .local_port = lport };
-	__builtin_memcpy(ik.remote, remote, 16);
-	struct inbound_decision id = {
-		.rule_id = d.rule_id, .verdict = d.verdict, .action = d.action, .unknown = d.unknown,
-	};
-	/* Allowed attempts are reported once established (sockops); others now. */
-	if (d.verdict == TOOL_VERDICT_ALLOW) {
+	/* Allowed attempts are reported once established: sockops decides again,
+	 * from the walk cached in the flow's entry. It cannot see the socket's
+	 * cgroup nor, without a listener record, its uid, and an allowed
+	 * connection must not be reported with another verdict, so the SYN's own
+	 * decision is kept for it in inbound_decisions when the policy conditions
+	 * on cgroups, the listener is unknown, or the verdict is not allow. */
+	if (d.verdict != TOOL_VERDICT_BLOCK &&
+	    (d.verdict != TOOL_VERDICT_ALLOW || (f.dims & (1 << TOOL_DIM_CGROUP)) || !owned)) {
+		struct inbound_key ik = { .remote_port = rport, .local_port = lport };
+		__builtin_memcpy(ik.remote, remote, 16);
+		struct inbound_decision id = {
+			.rule_id = d.rule_id, .generation = d.generation, .verdict = d.verdict, .action = d.action,
+			.unknown = d.unknown,
+		};
 		bpf_map_update_elem(&inbound_decisions, &ik, &id, BPF_ANY);
+	}
+	if (d.verdict == TOOL_VERDICT_ALLOW) {
+		if (!f.v && f.walk)
+			flow_insert(&f, &d, 0); /* keep the walk for sockops and the next SYN */
 		return 1;
 	}
-	if (d.verdict != TOOL_VERDICT_BLOCK)
-		bpf_map_update_elem(&inbound_decisions, &ik, &id, BPF_ANY);
 	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport, now);
+	long repeat = flow_fold(&f, &d, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_INBOUND, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
 			  lport, remote, rport, netns, 0, repeat, now);
@@ -894,25 +1025,42 @@ int tool_sockops(struct bpf_sock_ops *ops)
 	__u16 rport = (__u16)bpf_ntohl(ops->remote_port); /* be16 in the upper half */
 
 	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
-	struct decision d = { .verdict = TOOL_VERDICT_ALLOW, .action = TOOL_ACT_ALLOW, .unknown = 1 };
+	struct decision d = {};
+	struct flow f = {};
 	__u64 netns = bpf_get_netns_cookie(ops);
-	listener_subject(&s, 0, netns, lport, IPPROTO_TCP);
+	/* by port: the accepted socket's cookie is not the listener's */
+	int owned = listener_subject(&s, 0, netns, lport, IPPROTO_TCP);
 
-	struct inbound_key ik = { .remote_port = rport, .local_port = lport };
-	__builtin_memcpy(ik.remote, remote, 16);
-	struct inbound_decision *id = bpf_map_lookup_elem(&inbound_decisions, &ik);
-	if (id) {
-		d.rule_id = id->rule_id;
-		d.verdict = id->verdict;
-		d.action = id->action;
-		d.unknown = id->unknown;
-		bpf_map_delete_elem(&inbound_decisions, &ik);
+	/* The decision again, as tool_ingress took it at SYN time (usually from
+	 * the walk it cached); where ingress kept the SYN's own decision (a cgroup
+	 * policy, an unknown listener, or not allowed), that one. */
+	flow_init(&f, &s, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport);
+	int decided = owned && decide(&d, &s, &f, TOOL_DIR_INGRESS, NULL, DECIDE_UNCOUNTED | DECIDE_NO_CGROUP);
+	if (!decided || d.verdict != TOOL_VERDICT_ALLOW) {
+		d.mode = config_get(TOOL_CFG_MODE) == TOOL_MODE_PREVENT ? TOOL_MODE_PREVENT : TOOL_MODE_DETECT;
+		struct inbound_key ik = { .remote_port = rport, .local_port = lport };
+		__builtin_memcpy(ik.remote, remote, 16);
+		struct inbound_decision *id = bpf_map_lookup_elem(&inbound_decisions, &ik);
+		if (id) {
+			d.rule_id = id->rule_id;
+			d.generation = id->generation;
+			d.verdict = id->verdict;
+			d.action = id->action;
+			d.unknown = id->unknown;
+			bpf_map_delete_elem(&inbound_decisions, &ik);
+		} else {
+			/* Allowed at SYN time (nothing kept), or its record was evicted. */
+			d.rule_id = 0;
+			d.verdict = TOOL_VERDICT_ALLOW;
+			d.action = TOOL_ACT_ALLOW;
+			d.unknown = 1;
+		}
+		if (!f.v)
+			f.v = bpf_map_lookup_elem(&flows, &f.key);
 	}
-	__u32 mode = config_get(TOOL_CFG_MODE);
-	d.mode = mode == TOOL_MODE_PREVENT ? TOOL_MODE_PREVENT : TOOL_MODE_DETECT;
 
 	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&s, &d, TOOL_DIR_INGRESS, IPPROTO_TCP, remote, lport, now);
+	long repeat = flow_fold(&f, &d, now);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_ACCEPT, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
 			  lport, remote, rport, netns, bpf_get_socket_cookie(ops), repeat, now);

@@ -186,11 +186,32 @@ RULE = Layout(
 )
 FLOW_KEY = Layout(
     "tool_flow_key",
-    (("tgid", "I"), ("direction", "B"), ("protocol", "B"), ("port", "H"), ("addr", "16s"), ("exec_id", "Q")),
+    (
+        ("tgid", "I"),
+        ("direction", "B"),
+        ("protocol", "B"),
+        ("port", "H"),
+        ("addr", "16s"),
+        ("exec_id", "Q"),
+        ("exe_ino", "Q"),
+        ("exe_dev", "I"),
+        ("uid", "I"),
+        ("gid", "I"),
+        ("_pad0", "I"),
+        ("cgroup_id", "Q"),
+        ("comm", "16s"),
+    ),
 )
 FLOW_VALUE = Layout(
     "tool_flow_value",
-    (("last_emit_ns", "Q"), ("repeat", "I"), ("decision", "I"), ("generation", "I"), ("_pad0", "I")),
+    (
+        ("last_emit_ns", "Q"),
+        ("repeat", "I"),
+        ("decision", "I"),
+        ("generation", "I"),
+        ("_pad0", "I"),
+        ("walk", "Q"),
+    ),
 )
 LISTENER_KEY = Layout(
     "tool_listener_key",

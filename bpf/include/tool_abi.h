@@ -225,7 +225,13 @@ struct tool_rule {
 	__u32 _pad1;
 };
 
-/* Flow cache (LRU): folds repeats of a flow. Never caches a verdict. */
+/*
+ * Flow cache (LRU): folds repeats of a flow, and caches the rule walk's result
+ * for one policy generation. The key holds everything the walk depends on:
+ * the flow, the process, and the subject values of the dimensions the active
+ * policy conditions on (tool_slot_cfg.dims_used; zero for the others), so a
+ * process whose uid, gid, comm, cgroup or executable changes gets its own entry.
+ */
 struct tool_flow_key {
 	__u32 tgid;
 	__u8 direction;
@@ -233,6 +239,13 @@ struct tool_flow_key {
 	__u16 port;
 	__u8 addr[16];
 	__u64 exec_id;
+	__u64 exe_ino;       /* subject values: only of dimensions in dims_used, else 0 */
+	__u32 exe_dev;
+	__u32 uid;
+	__u32 gid;
+	__u32 _pad0;
+	__u64 cgroup_id;     /* process context: the task's cgroup; inbound: the socket's */
+	char comm[TOOL_COMM_LEN];
 };
 struct tool_flow_value {
 	__u64 last_emit_ns;
@@ -240,6 +253,9 @@ struct tool_flow_value {
 	__u32 decision;      /* verdict << 24 | rule_id & 0xffffff: a change forces an event */
 	__u32 generation;
 	__u32 _pad0;
+	__u64 walk;          /* cached walk: generation << 32 | action << 24 | rule_id (< 2^24); 0 = none.
+			      * Mode-independent (the verdict is derived at every decision); written
+			      * and read as one 64-bit word, so it is never torn. */
 };
 
 /* Listener owners, for attributing inbound packets (softirq, no current task). */
