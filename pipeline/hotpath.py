@@ -320,7 +320,7 @@ class EventEncoder:
             self._endpoint(remote, remote_port),
             destination,
         )
-        if len(self.flows) > 65536:
+        if len(self.flows) > 16384:
             self.flows.clear()
         self.flows[key] = flow
         return flow
@@ -356,7 +356,7 @@ class EventEncoder:
         raw = self._endpoints.get(key)
         if raw is None:
             raw = msgspec.Raw(self.encode({"address": address, "port": port}))
-            if len(self._endpoints) > 65536:
+            if len(self._endpoints) > 16384:
                 self._endpoints.clear()
             self._endpoints[key] = raw
         return raw
