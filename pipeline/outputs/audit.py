@@ -145,6 +145,7 @@ class AuditWriter:
         self._process_events = process_events
         self._fsync = fsync
         self._tracker = SequenceTracker()
+        self._connection_lines = fmt.ConnectionLines()
         self._pending_notes: list[str] = []
         self._unwritten = 0
         self._last_error = ""
@@ -178,6 +179,16 @@ class AuditWriter:
             self._emit(fmt.policy_line(event))
         elif isinstance(event, EnforcementEvent):
             self._emit(fmt.enforcement_line(event))
+
+    def write_connection(self, data: bytes) -> None:
+        """Write the line of one published connection event, straight from its JSON.
+
+        Raises:
+            msgspec.DecodeError: ``data`` is not a connection event.
+        """
+        text, host, cpu, seq, time_ns = self._connection_lines.line(data)
+        self._sequence(host, cpu, seq, time_ns)
+        self._emit(text)
 
     def note(self, kind: str, fields: list[fmt.Field]) -> None:
         """Write a line of the writer's own (``STREAM``, ``AUDIT``) stamped with the current time.
@@ -358,6 +369,12 @@ class AuditSubscriber:
         return [("server", f"{url.scheme}://{url.hostname}:{url.port}")]
 
     async def _on_msg(self, msg: Msg) -> None:
+        if ".connection." in msg.subject:
+            try:
+                self._writer.write_connection(msg.data)
+                return
+            except msgspec.DecodeError:
+                pass  # said below, with the generic decoder's error
         try:
             event = decoder.decode(msg.data)
         except msgspec.DecodeError as error:

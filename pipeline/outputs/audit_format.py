@@ -12,13 +12,19 @@ import re
 import time
 from collections.abc import Iterable
 
+import msgspec
+
 from pipeline.events import (
+    Anomaly,
+    Cgroup,
     ConnectionEvent,
     Endpoint,
     EnforcementEvent,
     LossEvent,
     PolicyEvent,
+    Process,
     ProcessEvent,
+    RuleRef,
 )
 
 Field = tuple[str, object]
@@ -26,6 +32,9 @@ Field = tuple[str, object]
 _BARE = re.compile(r"[A-Za-z0-9._:/@+\-\[\]>,#~%]+\Z")
 _MAX_ARGS_CHARS = 1024
 UNKNOWN_RULE = "unknown/default"
+
+
+_second: list[object] = [None, ""]  # the last second formatted, and its text
 
 
 def rfc3339_ms(time_ns: int) -> str:
@@ -38,11 +47,28 @@ def rfc3339_ms(time_ns: int) -> str:
         For example ``2024-05-01T12:00:00.123Z``.
     """
     secs, rest = divmod(time_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{rest // 1_000_000:03d}Z"
+    if secs != _second[0]:  # events come in bursts within one second: format it once
+        _second[0], _second[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_second[1]}.{rest // 1_000_000:03d}Z"
+
+
+_quoted: dict[str, str] = {}
 
 
 def quote(value: object) -> str:
     """Render one value: bare when safe, otherwise as a JSON string."""
+    if type(value) is str:  # most values repeat (names, paths, verdicts): render each once
+        text = _quoted.get(value)
+        if text is None:
+            text = _quote(value)
+            if len(_quoted) > 8192:
+                _quoted.clear()
+            _quoted[value] = text
+        return text
+    return _quote(value)
+
+
+def _quote(value: object) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, list):
@@ -198,3 +224,90 @@ def enforcement_line(event: EnforcementEvent) -> str:
         ("id", event.id),
     ]
     return line(event.time_ns, "ENFORCE", fields)
+
+
+class _ConnectionWire(msgspec.Struct, tag="connection", tag_field="type"):
+    """A published connection event as the audit log reads it: the process and cgroup members are
+    kept encoded, so that one process's part of the line is rendered once (see ConnectionLines)."""
+
+    id: str
+    time_ns: int
+    host: str
+    kind: str
+    direction: str
+    protocol: str
+    verdict: str
+    mode: str
+    known: bool
+    rule: RuleRef
+    local: Endpoint
+    remote: Endpoint
+    process: msgspec.Raw
+    cgroup: msgspec.Raw
+    repeat: int = 0
+    anomaly: Anomaly | None = None
+    cpu: int = 0
+    seq: int = 0
+
+
+class ConnectionLines:
+    """``CONN`` lines straight from published JSON, equal to :func:`connection_line` of the
+    decoded event, with each process's fields rendered once."""
+
+    def __init__(self, max_processes: int = 4096) -> None:
+        self._decode = msgspec.json.Decoder(_ConnectionWire).decode
+        self._process = msgspec.json.Decoder(Process).decode
+        self._cgroup = msgspec.json.Decoder(Cgroup).decode
+        self._segments: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+        self._max = max_processes
+
+    def line(self, data: bytes) -> tuple[str, str, int, int, int]:
+        """The line of one published connection event, with its host, cpu, seq and time.
+
+        Raises:
+            msgspec.DecodeError: ``data`` is not a connection event.
+        """
+        e = self._decode(data)
+        key = (bytes(e.process), bytes(e.cgroup))
+        segments = self._segments.get(key) or self._render(key)
+        flow = f"{endpoint(e.local)}->{endpoint(e.remote)}/{e.protocol}"
+        rule = e.rule
+        label = rule.name or (UNKNOWN_RULE if not e.known or rule.id == 0 else f"#{rule.id}")
+        parts = [rfc3339_ms(e.time_ns), "CONN", f"verdict={quote(e.verdict)}", f"direction={quote(e.direction)}"]
+        if segments[0]:
+            parts.append(segments[0])
+        parts.append(f"flow={quote(flow)}")
+        if e.remote.name is not None:
+            parts.append(f"remote_name={quote(e.remote.name)}")
+        if e.local.name is not None:
+            parts.append(f"local_name={quote(e.local.name)}")
+        parts += (f"rule={quote(label)}", f"rule_id={rule.id}")
+        if rule.policy is not None:
+            parts.append(f"policy={quote(rule.policy)}")
+        parts += (f"mode={quote(e.mode)}", f"known={quote(e.known)}", f"kind={quote(e.kind)}")
+        if segments[1]:
+            parts.append(segments[1])
+        if e.repeat:
+            parts.append(f"repeat={e.repeat}")
+        if e.anomaly is not None:
+            parts.append(f"anomaly={quote(e.anomaly.score)}")
+        parts += (f"host={quote(e.host)}", f"cpu={e.cpu}", f"seq={e.seq}", f"id={quote(e.id)}")
+        return " ".join(parts) + "\n", e.host, e.cpu, e.seq, e.time_ns
+
+    def _render(self, key: tuple[bytes, bytes]) -> tuple[str, str]:
+        proc, cgroup = self._process(key[0]), self._cgroup(key[1])
+        head: list[Field] = [
+            ("comm", proc.comm or None), ("pid", proc.pid), ("exe", proc.exe), ("user", proc.user), ("uid", proc.uid),
+        ]  # fmt: skip
+        tail: list[Field] = [
+            ("ppid", proc.ppid or None),
+            ("args", _args(proc.cmdline)),
+            ("cgroup", cgroup.path),
+            ("unit", cgroup.systemd_unit),
+            ("container", cgroup.container_id),
+        ]
+        segments = tuple(" ".join(f"{k}={quote(v)}" for k, v in fields if v is not None) for fields in (head, tail))
+        if len(self._segments) >= self._max:
+            self._segments.clear()
+        self._segments[key] = segments  # type: ignore[assignment]
+        return segments  # type: ignore[return-value]
