@@ -401,7 +401,7 @@ def _load(paths: Sequence[FsPath | str]) -> LoadedPolicy:
     if not files and not errors:
         errors.append(Diagnostic("<arguments>", 0, 0, "no policy file given"))
     docs: list[SourcedDocument] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, PositionMap, Path]] = {}  # rule name -> where it was first used
     for path in files:
         parsed, read_errors = _read(path)
         errors += read_errors
@@ -415,19 +415,23 @@ def _load(paths: Sequence[FsPath | str]) -> LoadedPolicy:
             for index, rule in good_rules:
                 rule_path: Path = ("spec", "rules", index)
                 errors += _check_rule(rule, rule_path, str(path), pos)
-                at = pos.of_value((*rule_path, "name"))
                 if rule.name in seen:
+                    # Positions inside a rule are looked up only to report a problem (see PositionMap).
+                    at = pos.of_value((*rule_path, "name"))
+                    first_file, first_positions, first_path = seen[rule.name]
+                    first_line = first_positions.of_value((*first_path, "name")).line
+                    first = f"{first_file}:{first_line}" if first_line else first_file
                     errors.append(
                         Diagnostic(
                             str(path),
                             at.line,
                             at.column,
-                            f"duplicate rule name '{rule.name}', first used at {seen[rule.name]}",
+                            f"duplicate rule name '{rule.name}', first used at {first}",
                             "rule names identify rules in alerts; give each a distinct name",
                         )
                     )
                 else:
-                    seen[rule.name] = f"{path}:{at.line}" if at.line else str(path)
+                    seen[rule.name] = (str(path), pos, rule_path)
     defaults = _merge_defaults(docs, errors)
     if errors:
         order = {str(f): i for i, f in enumerate(files)}

@@ -65,7 +65,9 @@ CgroupPath = Annotated[str, Meta(pattern=CGROUP_PATTERN, description="cgroup v2 
 Comm = Annotated[str, Meta(min_length=1, max_length=15)]
 
 
-class Who(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+# gc=False: no document struct can be part of a reference cycle, and untracked they keep the cyclic
+# collector's passes short while a 100k-rule policy is loaded and compiled.
+class Who(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """Which processes a rule applies to: every listed dimension must match (AND), any item in one list may.
 
     An absent dimension places no condition on the process.
@@ -82,7 +84,7 @@ class Who(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen
     ) = UNSET
 
 
-class Rule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Rule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """One policy rule. ``to`` is for egress, ``from`` for ingress, ``bind`` for listen; raw takes none."""
 
     name: Name
@@ -100,7 +102,7 @@ class Rule(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, froze
     protocol: Protocol | UnsetType = UNSET
 
 
-class DirectionDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class DirectionDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """Default action per direction; another file or the built-in default decides an absent one."""
 
     egress: DefaultAction | UnsetType = UNSET
@@ -109,21 +111,21 @@ class DirectionDefaults(msgspec.Struct, forbid_unknown_fields=True, omit_default
     raw: DefaultAction | UnsetType = UNSET
 
 
-class Defaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Defaults(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """What happens to a flow no rule matches, for each agent mode."""
 
     detect: DefaultAction | DirectionDefaults | UnsetType = UNSET
     prevent: DefaultAction | DirectionDefaults | UnsetType = UNSET
 
 
-class Metadata(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Metadata(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """Name and free-text description of one policy document."""
 
     name: Name
     description: str | UnsetType = UNSET
 
 
-class Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """The body of a policy: its mode, defaults and ordered rules."""
 
     mode: PolicyMode | UnsetType = UNSET
@@ -131,7 +133,7 @@ class Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, froze
     rules: list[Rule] | UnsetType = UNSET
 
 
-class Policy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+class Policy(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False):
     """One policy document (``apiVersion: tool/v1``, ``kind: Policy``)."""
 
     apiVersion: Literal["tool/v1"]

@@ -131,3 +131,58 @@ def test_too_many_rules_on_one_network_is_an_error(write_policy: Write) -> None:
     path = write_policy("  rules:\n" + rules)
     with pytest.raises(PolicyError, match="at most 64 rules per"):
         compile_policy(load_policy([path]))
+
+
+def test_rule_info_names_each_rule_and_its_line_in_every_file(write_policy: Write) -> None:
+    """Rule ids run on across files; each rule's info (made on demand) points at the rule's own line."""
+    first = write_policy(
+        "  rules:\n    - {name: a, action: allow, direction: egress}\n\n"
+        "    - name: b\n      action: deny\n      direction: egress\n      to: [10.0.0.0/8, db.internal]\n",
+        "a.yaml",
+    )
+    second = write_policy("  rules:\n    - {name: c, action: deny, audit: true, direction: raw}\n", "b.yaml")
+    compiled = compile_policy(load_policy([first, second]))
+    assert len(compiled.rules) == 3 and list(compiled.rules) == [1, 2, 3] and 4 not in compiled.rules
+    info = {rid: compiled.rules[rid] for rid in compiled.rules}
+    assert [(i.name, i.source, i.action) for i in info.values()] == [
+        ("a", f"{first}:6", "allow"),
+        ("b", f"{first}:8", "deny"),
+        ("c", f"{second}:6", "deny-audit"),
+    ]
+    assert info[2].dns_names == ["db.internal"] and info[1].dns_names == []
+    assert info[2].explanation == "forbid any process to connect to 10.0.0.0/8, db.internal any port"
+    assert compiled.rules[2] is info[2]  # made once
+    with pytest.raises(KeyError):
+        compiled.rules[0]
+
+
+def test_every_rule_naming_an_unknown_user_is_warned_about(write_policy: Write) -> None:
+    """Rules share one who-class, and each is named in its own warning."""
+    path = write_policy(
+        "  rules:\n"
+        "    - {name: a, action: allow, direction: egress, who: {user: [no-such-user-xyz]}}\n"
+        "    - {name: b, action: allow, direction: egress, who: {user: [no-such-user-xyz]}}\n"
+    )
+    compiled = compile_policy(load_policy([path]))
+    assert len(compiled.who_classes) == 1
+    assert [w.split(": rule ")[1][:3] for w in compiled.warnings] == ["'a'", "'b'"]
+
+
+def test_json_policy_problems_point_into_the_rule(tmp_path: Path) -> None:
+    """A JSON file loads on the fast path; a problem inside a rule still gets its line and column."""
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"apiVersion": "tool/v1", "kind": "Policy", "metadata": {"name": "j"},\n'
+        ' "spec": {"rules": [\n'
+        '   {"name": "a", "action": "allow", "direction": "egress"},\n'
+        '   {"name": "b", "action": "allow", "direction": "egres"}]}}\n'
+    )
+    [error] = _errors(path)
+    assert error.startswith(f"{path}:4:50: invalid value 'egres' for 'direction'")
+
+
+def test_json_repeated_key_is_a_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"apiVersion": "tool/v1", "kind": "Policy", "kind": "Policy"}\n')
+    [error] = _errors(path)
+    assert error == f"{path}:1:45: duplicate key 'kind'"
