@@ -301,6 +301,55 @@ class Map:
             return
         check(f"bpf_map_update_batch({self.name})", result)
 
+    def update_packed(self, keys: bytes, values: bytes, flags: int = BPF_ANY) -> None:
+        """Like :meth:`update_batch`, for keys and values already packed end to end in two buffers.
+
+        Args:
+            keys: ``n`` keys, each ``key_size`` bytes, one after the other.
+            values: ``n`` values in the same order.
+            flags: Element flags, as for :meth:`update`.
+
+        Raises:
+            ValueError: The buffers do not hold the same whole number of keys and values.
+        """
+        key_size, value_size = self.key_size, self._value_bytes()
+        count_keys, rest = divmod(len(keys), key_size)
+        if rest or len(values) != count_keys * value_size:
+            raise ValueError(f"map {self.name!r} needs {key_size}-byte keys and as many {value_size}-byte values")
+        if not count_keys:
+            return
+        count = ffi.new("uint32_t *", count_keys)
+        opts = ffi.new("uint64_t[3]", [24, 0, flags])  # struct bpf_map_batch_opts {sz, elem_flags, flags}
+        result = self._lib.bpf_map_update_batch(self.fd, keys, values, count, opts)
+        if -result in _BATCH_UNSUPPORTED:
+            self._update_each(
+                [keys[i : i + key_size] for i in range(0, len(keys), key_size)],
+                [values[i : i + value_size] for i in range(0, len(values), value_size)],
+                flags,
+            )
+            return
+        check(f"bpf_map_update_batch({self.name})", result)
+
+    def delete_packed(self, keys: bytes) -> int:
+        """Like :meth:`delete_batch`, for keys already packed end to end in one buffer.
+
+        Returns:
+            How many keys were deleted.
+        """
+        key_size = self.key_size
+        if len(keys) % key_size:
+            raise ValueError(f"map {self.name!r} keys are {key_size} bytes")
+        if not keys:
+            return 0
+        count = ffi.new("uint32_t *", len(keys) // key_size)
+        result = self._lib.bpf_map_delete_batch(self.fd, keys, count, ffi.NULL)
+        if result == 0:
+            return int(count[0])
+        if -result in _BATCH_UNSUPPORTED or result == -errno.ENOENT:
+            return self._delete_each([keys[i : i + key_size] for i in range(0, len(keys), key_size)])
+        check(f"bpf_map_delete_batch({self.name})", result)
+        return int(count[0])
+
     def _update_each(self, keys: Sequence[bytes], values: Sequence[bytes], flags: int) -> None:
         """One ``bpf_map_update_elem`` per entry, sizes already checked: the loop holds no Python wrapper."""
         fd, update = self.fd, self._lib.bpf_map_update_elem

@@ -8,19 +8,19 @@ policy or wholly by the new one, never by neither.
 
 from __future__ import annotations
 
-import gc
 import glob
 import ipaddress
+import itertools
+import operator
 import os
 import struct
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import structlog
 
@@ -44,6 +44,33 @@ _ID_KEY = abi.ID_KEY.compile()
 _CGROUP_KEY = abi.CGROUP_KEY.compile()
 _COMM_KEY = abi.COMM_KEY.compile()
 _TASK_INFO = abi.TASK_INFO.compile()
+_ENTRY_NAMES = ("rule_id", "who_class", "direction", "protocol", "network", "port_lo", "port_hi", "action")
+_ENTRY_FIELDS = operator.attrgetter(*_ENTRY_NAMES)
+# Network masks by prefix length, for finding the node that encloses another.
+_ADDRESS = (1 << 128) - 1
+_MASKS = [_ADDRESS ^ ((1 << (128 - plen)) - 1) for plen in range(129)]
+# A tool_rule with its padding as pad bytes, so that a node's rule tuples pack as they are.
+_RULE_PADDED = struct.Struct("<QHHB3xI4x")
+assert _RULE_PADDED.size == abi.RULE.size
+# Node keys (see _group_entries): the bits above the address, by direction.
+_DIRECTION_BITS = {name: code << 144 for name, code in abi.DIRECTIONS.items()}
+_KEY_BITS_BASE = abi.LPM_KEY_BITS
+assert abi.LPM_KEY.offsets()["addr"] == (8, 16) and abi.LPM_KEY.offsets()["direction"] == (5, 1)
+# Where the slot byte sits in a tool_lpm_key, and how each slot's rules offset changes the bytes
+# of a tool_lpm_value's ``first``: a value packed for slot 0 holds first < SLOT_RULES, a power of
+# two, so adding slot * SLOT_RULES sets bits that are clear: each byte maps through a table.
+_SLOT_OFFSET = abi.LPM_KEY.offsets()["slot"][0]
+assert abi.SLOT_RULES & (abi.SLOT_RULES - 1) == 0 and abi.LPM_VALUE.offsets()["first"] == (0, 4)
+_SLOT_FIRST_BYTES = [
+    [
+        (i, bytes(b | bit for b in range(256)))
+        for i, bit in enumerate((slot * abi.SLOT_RULES).to_bytes(4, "little"))
+        if bit
+    ]
+    for slot in range(2)
+]
+# Recorded for an LPM entry whose write may have failed: no real value has count 0xFFFF.
+_UNKNOWN_LPM_VALUE = b"\xff" * abi.LPM_VALUE.size
 
 # Programs attached to the cgroup, and what the user loses when one is missing.
 CGROUP_PROGRAMS = {
@@ -105,15 +132,16 @@ class CompiledPolicyLike(Protocol):
     def defaults(self) -> Mapping[str, Mapping[str, str]]: ...
 
 
-@dataclass
-class Node:
+class Node(NamedTuple):
     """An LPM node: the rules whose address is exactly this prefix."""
 
     direction: int
     protocol: int
     network: ipaddress.IPv6Network
-    rules: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # who, lo, hi, action, rule_id
+    rules: list[tuple[int, int, int, int, int]]  # who, lo, hi, action, rule_id; sorted by rule_id
     parent_len: int = 0  # key bits of the nearest enclosing node, 0 = none
+    prefixlen: int = 0  # network's length and first address, as integers
+    addr: int = 0
 
 
 @dataclass
@@ -127,13 +155,32 @@ class KernelTables:
     comm: dict[bytes, int] = field(default_factory=dict)
     wildcard: list[int] = field(default_factory=lambda: [0] * 5)
     dims_used: int = 0
-    nodes: list[Node] = field(default_factory=list)
     defaults: bytes = bytes(8)
     unresolved: list[str] = field(default_factory=list)  # exe/cgroup selectors that matched nothing here
+    # The LPM nodes and the rules they point at, packed as the maps hold them, for slot 0
+    # (Sensors.apply_policy patches the slot in): one tool_lpm_key and one tool_lpm_value per node,
+    # in the same order, and the nodes' rules end to end (a value's ``first`` counts from 0).
+    lpm_keys: bytes = b""
+    lpm_values: bytes = b""
+    rules: bytes = b""
 
     @property
     def rule_entries(self) -> int:
-        return sum(len(n.rules) for n in self.nodes)
+        return len(self.rules) // abi.RULE.size
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The LPM nodes, unpacked (for inspection; the maps are written from the packed form)."""
+        out: list[Node] = []
+        rules = list(_RULE_PADDED.iter_unpack(self.rules))
+        key_size = abi.LPM_KEY.size
+        for i, (first, count, parent_len) in enumerate(_LPM_VALUE.iter_unpack(self.lpm_values)):
+            key = int.from_bytes(self.lpm_keys[i * key_size : (i + 1) * key_size], "big")
+            network = _key_network(key)
+            direction, protocol = key >> 144 & 0xFF, key >> 136 & 0xFF
+            node_rules = rules[first : first + count]
+            out.append(Node(direction, protocol, network, node_rules, parent_len, network.prefixlen, key & _ADDRESS))
+        return out
 
 
 class TablesError(ValueError):
@@ -191,20 +238,9 @@ def build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
     Raises:
         TablesError: more than 64 who-classes, too many rules on one prefix, or nesting too deep.
     """
-    with _paused_gc():
-        return _build_tables(policy, cgroup_root)
-
-
-@contextmanager
-def _paused_gc() -> Iterator[None]:
-    """Pause the cyclic collector: its full passes over 100k fresh nodes cost more than building them."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    # The tables are packed bytes, which the cyclic garbage collector does not track: building
+    # them allocates almost nothing it would scan, so it is not paused here.
+    return _build_tables(policy, cgroup_root)
 
 
 def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
@@ -247,33 +283,7 @@ def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
         if not t.dims_used & (1 << dim):
             t.wildcard[dim] = ~0 & 0xFFFFFFFFFFFFFFFF
 
-    # Grouped by plain ints: hashing IPv6Network objects costs more than building the whole key.
-    groups: dict[tuple[int, int, int, int], Node] = {}
-    directions = abi.DIRECTIONS
-    for e in policy.entries:
-        direction = directions[e.direction]
-        net = e.network
-        key = (direction, int(e.protocol), int(net.network_address), net.prefixlen)
-        node = groups.get(key)
-        if node is None:
-            node = groups[key] = Node(direction, int(e.protocol), net)
-        lo, hi = e.port_lo, e.port_hi
-        if direction == abi.DIR_RAW:
-            # A raw rule has no port or protocol (docs/policy.md): the kernel passes the socket's
-            # protocol as the port (an ethertype for AF_PACKET, up to 65535), so cover all of it.
-            lo, hi = 0, 0xFFFF
-        node.rules.append((1 << e.who_class, lo, hi, abi.ACTIONS[e.action], e.rule_id))
-    for node in groups.values():
-        if len(node.rules) > 1:
-            node.rules.sort(key=lambda r: r[4])
-        if len(node.rules) > abi.MAX_NODE_RULES:
-            raise TablesError(
-                f"{len(node.rules)} rules share the destination {node.network} ({_dir_name(node.direction)}, "
-                f"protocol {node.protocol}); the kernel evaluates at most {abi.MAX_NODE_RULES} per address "
-                "prefix: merge rules (list several ports or users in one rule)"
-            )
-    _link_parents(groups.values())
-    t.nodes = list(groups.values())
+    _pack_nodes(t, policy.entries)
 
     defaults = bytearray(8)
     for mode_index, mode in enumerate(("detect", "prevent")):
@@ -283,6 +293,88 @@ def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
             defaults[mode_index * abi.DIR_MAX + direction - 1] = abi.ACTIONS[action]
     t.defaults = bytes(defaults)
     return t
+
+
+def _pack_nodes(t: KernelTables, entries: Sequence[Any]) -> None:
+    """Group the entries into LPM nodes, link each to its enclosing node and pack both maps' contents."""
+    groups = _group_entries(entries)
+    if groups is None:  # a node lists its rules by rule id; the compiler's entries come in that order
+        groups = _group_entries(sorted(entries, key=operator.attrgetter("rule_id")))
+        assert groups is not None
+    parents = _link_parents(groups)
+    rule_size, max_rules = _RULE_PADDED.size, abi.MAX_NODE_RULES
+    values: list[int] = []  # each a tool_lpm_value as a little-endian integer
+    first = 0
+    parent_of = parents.get
+    for key, group in groups.items():
+        count = len(group) // rule_size
+        if count > max_rules:
+            raise TablesError(
+                f"{count} rules share the destination {_key_network(key)} ({_dir_name(key >> 144 & 0xFF)}, "
+                f"protocol {key >> 136 & 0xFF}); the kernel evaluates at most {max_rules} per address "
+                "prefix: merge rules (list several ports or users in one rule)"
+            )
+        values.append(first | count << 32 | parent_of(key, 0) << 48)
+        first += count
+    # A node key is its tool_lpm_key (slot 0) read as a big-endian integer: it packs in one call.
+    big: Literal["big"] = "big"
+    little: Literal["little"] = "little"
+    t.lpm_keys = b"".join(map(int.to_bytes, groups, itertools.repeat(_LPM_KEY.size), itertools.repeat(big)))
+    t.lpm_values = b"".join(map(int.to_bytes, values, itertools.repeat(_LPM_VALUE.size), itertools.repeat(little)))
+    t.rules = b"".join(groups.values())
+
+
+def _group_entries(entries: Sequence[Any]) -> dict[int, bytes] | None:
+    """Each LPM node's rules, packed end to end, by node key; None if the entries' rule ids go down.
+
+    A node key is the node's tool_lpm_key for slot 0 read as a big-endian integer:
+    ``(LPM_KEY_BITS + prefixlen) << 184 | direction << 144 | protocol << 136 | address``. Integers
+    hash faster than IPv6Network objects, and neither they nor the packed rules are tracked by
+    the garbage collector.
+    """
+    groups: dict[int, bytes] = {}
+    group_of = groups.get
+    pack_rule = _RULE_PADDED.pack
+    direction_bits, actions, key_bits_base = _DIRECTION_BITS, abi.ACTIONS, _KEY_BITS_BASE
+    last_net: ipaddress.IPv6Network | None = None
+    net_bits = last_id = 0
+    # Named tuples in KernelRule's field order (the compiler's) unpack as they are.
+    in_order = all(getattr(kind, "_fields", None) == _ENTRY_NAMES for kind in {type(e) for e in entries})
+    rows: Iterable[tuple[Any, ...]] = entries if in_order else map(_ENTRY_FIELDS, entries)
+    for rule_id, who_class, direction, protocol, net, lo, hi, action in rows:
+        if rule_id < last_id:
+            return None
+        last_id = rule_id
+        if net is not last_net:  # a rule's entries share their network object
+            last_net = net
+            try:  # _network_bits, inline
+                net_bits = (key_bits_base + net._prefixlen) << 184 | net.network_address._ip
+            except AttributeError:
+                net_bits = _network_bits(net)
+        if direction == "raw":
+            # A raw rule has no port or protocol (docs/policy.md): the kernel passes the socket's
+            # protocol as the port (an ethertype for AF_PACKET, up to 65535), so cover all of it.
+            lo, hi = 0, 0xFFFF
+        key = net_bits | direction_bits[direction] | protocol << 136
+        rule = pack_rule(1 << who_class, lo, hi, actions[action], rule_id)
+        group = group_of(key)
+        groups[key] = rule if group is None else group + rule
+    return groups
+
+
+def _network_bits(net: ipaddress.IPv6Network) -> int:
+    """The bits of a node key (see _group_entries) that come from its network."""
+    prefixlen: int
+    address: int
+    try:  # the attributes behind the public properties, at a tenth of their cost
+        prefixlen, address = net._prefixlen, net.network_address._ip  # type: ignore[attr-defined]
+    except AttributeError:
+        prefixlen, address = net.prefixlen, int(net.network_address)
+    return (_KEY_BITS_BASE + prefixlen) << 184 | address
+
+
+def _key_network(key: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network((key & _ADDRESS, (key >> 184) - abi.LPM_KEY_BITS))
 
 
 def _rejected_program(libbpf_log: str) -> str | None:
@@ -297,49 +389,80 @@ def _dir_name(direction: int) -> str:
     return {v: k for k, v in abi.DIRECTIONS.items()}[direction]
 
 
-def _link_parents(nodes: Iterable[Node]) -> None:
-    """Set each node's parent_len to its nearest enclosing node of the same direction/protocol."""
-    all_ones = (1 << 128) - 1
-    masks = [all_ones ^ ((1 << (128 - plen)) - 1) if plen else 0 for plen in range(129)]
-    by_group: dict[tuple[int, int], dict[tuple[int, int], Node]] = defaultdict(dict)
-    for n in nodes:
-        by_group[(n.direction, n.protocol)][(n.network.prefixlen, int(n.network.network_address))] = n
-    for members in by_group.values():
-        lengths = sorted({plen for plen, _ in members}, reverse=True)
-        parent_of: dict[tuple[int, int], tuple[int, int]] = {}
-        for plen, addr in members:
-            for candidate in lengths:
-                if candidate >= plen:
-                    continue
-                parent_key = (candidate, addr & masks[candidate])
-                if parent_key in members:
-                    parent_of[(plen, addr)] = parent_key
-                    members[(plen, addr)].parent_len = abi.LPM_KEY_BITS + candidate
-                    break
-        # Nesting depth: walk each chain up to its root (parent_of holds only nested nodes).
-        for start in parent_of:
-            depth = 0
-            cur: tuple[int, int] | None = start
-            while cur is not None and cur in parent_of:
-                depth += 1
-                if depth >= abi.MAX_NESTING:
-                    raise TablesError(
-                        f"address {members[start].network} is nested in more than {abi.MAX_NESTING} other "
-                        f"prefixes of the policy; the kernel walks at most {abi.MAX_NESTING}"
-                    )
-                cur = parent_of[cur]
+def _link_parents(groups: Mapping[int, object]) -> dict[int, int]:
+    """Find each node's nearest enclosing node of the same direction and protocol.
+
+    Args:
+        groups: the nodes by key (see _group_entries).
+
+    Returns:
+        key -> parent_len (LPM key bits of the enclosing node), for the nodes that have one.
+
+    Raises:
+        TablesError: a node is nested in more than ``abi.MAX_NESTING`` others.
+    """
+    # key >> 136 is (LPM key length) << 48 | direction << 8 | protocol: a node's length and group.
+    lengths: dict[int, list[int]] = {}  # direction << 8 | protocol -> the LPM key lengths in use
+    for top in {key >> 136 for key in groups}:
+        lengths.setdefault(top & 0xFFFF, []).append(top >> 48)
+    # For each (length, group): the shorter lengths in the group, longest first, as (length, key
+    # bits above the address, address mask).
+    shorter: dict[int, list[tuple[int, int, int]]] = {}
+    for group, used in lengths.items():
+        ascending = sorted(used)
+        for i, bits in enumerate(ascending[1:], start=1):
+            shorter[bits << 48 | group] = [
+                (c, c << 184 | group << 136, _MASKS[c - abi.LPM_KEY_BITS]) for c in reversed(ascending[:i])
+            ]
+    parent_len: dict[int, int] = {}
+    parent_of: dict[int, int] = {}
+    if not shorter:
+        return parent_len
+    candidates_of = shorter.get
+    for key in groups:
+        candidates = candidates_of(key >> 136)
+        if candidates is None:
+            continue
+        address = key & _ADDRESS
+        for length, above, mask in candidates:
+            parent = above | address & mask
+            if parent in groups:
+                parent_len[key] = length
+                parent_of[key] = parent
+                break
+    for key in parent_of:  # nesting depth: walk each chain up to its root, in the policy's order
+        depth, cur = 0, key
+        while cur in parent_of:
+            depth += 1
+            if depth >= abi.MAX_NESTING:
+                raise TablesError(
+                    f"address {_key_network(key)} is nested in more than {abi.MAX_NESTING} other "
+                    f"prefixes of the policy; the kernel walks at most {abi.MAX_NESTING}"
+                )
+            cur = parent_of[cur]
+    return parent_len
 
 
 @dataclass
 class _SlotContents:
-    """Keys written into one slot, so the slot can be emptied before it is reused."""
+    """What one slot holds, so that the next write into it changes only what differs.
 
-    lpm: list[bytes] = field(default_factory=list)
+    The LPM entries are kept packed end to end (keys, and values in the same order); ``rules`` is
+    the slot's part of the rules array as written (None: unknown, write it whole).
+    """
+
+    lpm_keys: bytes = b""
+    lpm_values: bytes = b""
+    rules: bytes | None = b""
     exe: list[bytes] = field(default_factory=list)
     uid: list[bytes] = field(default_factory=list)
     gid: list[bytes] = field(default_factory=list)
     cgroup: list[bytes] = field(default_factory=list)
     comm: list[bytes] = field(default_factory=list)
+
+
+def _split(buffer: bytes, size: int) -> list[bytes]:
+    return [buffer[i : i + size] for i in range(0, len(buffer), size)]
 
 
 class Sensors:
@@ -602,36 +725,7 @@ class Sensors:
             recorded.extend(keys)
             self.maps[name].update_batch(keys, [_U64.pack(mask) for mask in by_key.values()])
 
-        # Rules, then the nodes that point at them: every key and value packed in one pass.
-        pack_key, pack_value, pack_rule = _LPM_KEY.pack, _LPM_VALUE.pack, _RULE.pack
-        key_bits = abi.LPM_KEY_BITS
-        rule_values: list[bytes] = []
-        node_keys: list[bytes] = []
-        node_values: list[bytes] = []
-        nxt = slot * abi.SLOT_RULES
-        for node in tables.nodes:
-            net = node.network
-            node_keys.append(
-                pack_key(
-                    key_bits + net.prefixlen,
-                    slot,
-                    node.direction,
-                    node.protocol,
-                    0,
-                    int(net.network_address).to_bytes(16, "big"),
-                )
-            )
-            node_values.append(pack_value(nxt, len(node.rules), node.parent_len))
-            for who, lo, hi, action, rule_id in node.rules:
-                rule_values.append(pack_rule(who, lo, hi, action, b"\0\0\0", rule_id, 0))
-            nxt += len(node.rules)
-        if rule_values:
-            first = slot * abi.SLOT_RULES
-            rule_keys = [_U32.pack(i) for i in range(first, first + len(rule_values))]
-            self.maps["rules"].update_batch(rule_keys, rule_values)
-        contents.lpm.extend(node_keys)
-        # LPM tries have no batch update: update_batch falls back to one tight syscall loop.
-        self.maps["rule_nodes"].update_batch(node_keys, node_values)
+        self._write_rules(slot, tables)
 
         self._generation += 1
         cfg = _SLOT_CFG.pack(*tables.wildcard, self._generation, tables.defaults, tables.dims_used)
@@ -642,12 +736,64 @@ class Sensors:
         self._last_flip = time.monotonic()
         return self._generation
 
+    def _write_rules(self, slot: int, tables: KernelTables) -> None:
+        """Write the rules and the LPM nodes that point at them into ``slot``, changing only what differs.
+
+        The slot is inactive, so its old entries can be rewritten in any order: LPM entries the new
+        policy does not have are deleted, new or changed ones written, identical ones left alone.
+        """
+        contents = self._slots[slot]
+        key_size, value_size = _LPM_KEY.size, _LPM_VALUE.size
+        key_blob, value_blob, rules = tables.lpm_keys, tables.lpm_values, tables.rules
+        if slot:
+            keys_in_slot = bytearray(key_blob)
+            keys_in_slot[_SLOT_OFFSET::key_size] = bytes([slot]) * (len(key_blob) // key_size)
+            values_in_slot = bytearray(value_blob)
+            for offset, table in _SLOT_FIRST_BYTES[slot]:  # first += slot * SLOT_RULES, byte by byte
+                values_in_slot[offset::value_size] = values_in_slot[offset::value_size].translate(table)
+            key_blob, value_blob = bytes(keys_in_slot), bytes(values_in_slot)
+        first = slot * abi.SLOT_RULES
+        nxt = first + len(rules) // _RULE_PADDED.size
+        changed: list[int] = []
+        stale: list[bytes] = []
+        old: dict[bytes, bytes] = {}
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        if key_blob != contents.lpm_keys or value_blob != contents.lpm_values:
+            keys, values = _split(key_blob, key_size), _split(value_blob, value_size)
+            old = dict(zip(_split(contents.lpm_keys, key_size), _split(contents.lpm_values, value_size), strict=True))
+            old_value = old.get
+            changed = [i for i, (key, value) in enumerate(zip(keys, values, strict=True)) if old_value(key) != value]
+            new_keys = set(keys)
+            stale = [key for key in old if key not in new_keys]
+        try:
+            if rules != contents.rules and rules:
+                self.maps["rules"].update_packed(array("I", range(first, nxt)).tobytes(), rules)
+            if stale:
+                self.maps["rule_nodes"].delete_packed(b"".join(stale))
+            if changed and len(changed) == len(keys):
+                self.maps["rule_nodes"].update_packed(key_blob, value_blob)
+            elif changed:
+                self.maps["rule_nodes"].update_packed(
+                    b"".join([keys[i] for i in changed]), b"".join([values[i] for i in changed])
+                )
+        except BaseException:
+            # The slot may now hold any of the old and new entries: record that, so that the next
+            # write into it mends whatever this one left.
+            maybe = dict(old)
+            maybe.update(dict.fromkeys(stale, _UNKNOWN_LPM_VALUE))
+            maybe.update(dict.fromkeys((keys[i] for i in changed), _UNKNOWN_LPM_VALUE))
+            contents.lpm_keys, contents.lpm_values = b"".join(maybe), b"".join(maybe.values())
+            contents.rules = None
+            raise
+        contents.lpm_keys, contents.lpm_values, contents.rules = key_blob, value_blob, rules
+
     def _clear_slot(self, slot: int) -> None:
+        """Mark ``slot`` empty and remove its subjects; its LPM nodes and rules are rewritten in place."""
         c = self._slots[slot]
         # Mark the slot empty first (generation 0: programs ignore it).
         self.maps["slot_cfg"].update(_U32.pack(slot), bytes(abi.SLOT_CFG.size))
         for name, keys in (
-            ("rule_nodes", c.lpm),
             ("who_exe", c.exe),
             ("who_uid", c.uid),
             ("who_gid", c.gid),
@@ -655,7 +801,7 @@ class Sensors:
             ("who_comm", c.comm),
         ):
             self.maps[name].delete_batch(keys)
-        self._slots[slot] = _SlotContents()
+        self._slots[slot] = _SlotContents(c.lpm_keys, c.lpm_values, c.rules)
 
     # ---- lifetime ----
 

@@ -10,6 +10,7 @@ import dataclasses
 import ipaddress
 import os
 import time
+from collections import ChainMap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,8 @@ class PolicyRuntime:
             return compiled
         classes = list(compiled.who_classes)
         entries = list(compiled.entries)
-        rules = dict(compiled.rules)
+        # The compiled rules stay as they are (described on demand); the dynamic ones go in front.
+        rules: ChainMap[int, RuleInfo] = ChainMap({}, compiled.rules)  # type: ignore[arg-type]
         by_exe: dict[str, int] = {}
         for i, d in enumerate(self.dynamic):
             cls_id = by_exe.get(d.exe)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ANY_NETWORK = ipaddress.IPv6Network("::/0")
 _V4_MAPPED_BASE = int(ipaddress.IPv6Address("::ffff:0:0"))
@@ -20,10 +20,25 @@ _DNS_NAME = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class ParsedAddress:
-    """An address spec after parsing: exactly one of ``network`` and ``dns_name`` is set."""
+    """An address spec after parsing: exactly one of ``network`` and ``dns_name`` is set.
+
+    ``address`` and ``prefixlen`` repeat ``network``'s first address and length as plain integers
+    (0 for a DNS name), and ``bits`` is ``prefixlen << 128 | address``: the compiler groups rules
+    by these without touching ``network``.
+    """
 
     network: ipaddress.IPv6Network | None
     dns_name: str | None
+    address: int = 0
+    prefixlen: int = 0
+    bits: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", self.prefixlen << 128 | self.address)
+
+
+def _network(net: ipaddress.IPv6Network) -> ParsedAddress:
+    return ParsedAddress(net, None, int(net.network_address), net.prefixlen)
 
 
 def to_v6_network(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv6Network:
@@ -77,13 +92,14 @@ def parse_address(spec: str) -> ParsedAddress:
     """
     text = spec.strip()
     if text == "any":
-        return ParsedAddress(ANY_NETWORK, None)
+        return _network(ANY_NETWORK)
     if plain := _PLAIN_V4.fullmatch(text):
         a, b, c, d, length = plain.groups()
         prefix = 32 if length is None else int(length)
         value = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
         if value & ((1 << (32 - prefix)) - 1) == 0:
-            return ParsedAddress(ipaddress.IPv6Network((_V4_MAPPED_BASE + value, 96 + prefix)), None)
+            address = _V4_MAPPED_BASE + value
+            return ParsedAddress(ipaddress.IPv6Network((address, 96 + prefix)), None, address, 96 + prefix)
     looks_ip = ":" in text or bool(re.fullmatch(r"[0-9./]+", text))
     if looks_ip:
         try:
@@ -93,7 +109,7 @@ def parse_address(spec: str) -> ParsedAddress:
                 fixed = ipaddress.ip_network(text, strict=False)
                 raise ValueError(f"CIDR '{text}' has host bits set, expected e.g. '{fixed}'") from None
             raise ValueError(f"'{text}' is not a valid IP address or CIDR") from None
-        return ParsedAddress(to_v6_network(net), None)
+        return _network(to_v6_network(net))
     if _DNS_NAME.fullmatch(text) and "*" not in text[2:]:
         return ParsedAddress(None, text.lower().rstrip("."))
     raise ValueError(f"'{text}' is not an IP address, CIDR, 'any' or DNS name")

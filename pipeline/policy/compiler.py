@@ -11,15 +11,15 @@ import grp
 import ipaddress
 import os
 import pwd
-from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 
-from pipeline.policy.addresses import ANY_NETWORK, display_network, parse_address
+from pipeline.policy.addresses import ANY_NETWORK, ParsedAddress, display_network, parse_address
 from pipeline.policy.diagnostics import Diagnostic, PolicyError
-from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy, SourcedDocument
+from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy
 from pipeline.policy.model import AGENT_MODES, BUILTIN_DEFAULTS, DIRECTIONS, Rule, Who
 from pipeline.policy.ports import merge_ranges, parse_port
 from pipeline.policy.yamlpos import paused_gc
@@ -28,6 +28,7 @@ KernelAction = Literal["allow", "alert", "deny-audit", "deny"]
 ACTION_RANK: dict[str, int] = {"allow": 0, "alert": 1, "deny-audit": 2, "deny": 3}
 """Precedence among matching rules: the highest rank wins."""
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
+_ANY_ADDRESS = ParsedAddress(ANY_NETWORK, None, 0, 0)
 MAX_WHO_CLASSES = 64
 MAX_RULES_PER_KEY = 64
 
@@ -60,9 +61,12 @@ class WhoClass:
         return all(v is None for v in (self.exe, self.comm, self.uid, self.gid, self.cgroup))
 
 
-@dataclass(frozen=True, slots=True)
-class KernelRule:
-    """One entry of the kernel's rule table (IPv4 is carried v4-mapped in ``network``)."""
+class KernelRule(NamedTuple):
+    """One entry of the kernel's rule table (IPv4 is carried v4-mapped in ``network``).
+
+    A named tuple rather than a dataclass: a 100k-rule policy makes one per entry, and the kernel
+    table builder unpacks them.
+    """
 
     rule_id: int
     who_class: int
@@ -88,6 +92,62 @@ class RuleInfo:
     dns_names: list[str] = field(default_factory=list)
 
 
+class RuleTable(Mapping[int, RuleInfo]):
+    """rule_id -> :class:`RuleInfo`, each made when it is first asked for.
+
+    Describing a rule in words costs more than compiling it, and a running agent reports only the
+    rules that match, so the compiler keeps each document's rules (with their lines and kernel
+    actions) and describes a rule on demand.
+    """
+
+    __slots__ = ("_count", "_dns", "_made", "_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[int, list[Rule], str, list[int], list[KernelAction]]] = []
+        self._dns: dict[int, list[str]] = {}  # rule_id -> DNS names, for rules that have any
+        self._made: dict[int, RuleInfo] = {}
+        self._count = 0
+
+    def add(self, rules: list[Rule], file: str, lines: list[int], actions: list[KernelAction]) -> None:
+        """Append one document's rules (ids follow the previous ones); ``lines`` 0 means unknown."""
+        self._parts.append((self._count + 1, rules, file, lines, actions))
+        self._count += len(rules)
+
+    def set_dns_names(self, rule_id: int, names: list[str]) -> None:
+        """Record the DNS names a rule lists (not enforced yet)."""
+        self._dns[rule_id] = names
+
+    def __getitem__(self, rule_id: int) -> RuleInfo:
+        info = self._made.get(rule_id)
+        if info is not None:
+            return info
+        if not isinstance(rule_id, int) or not 1 <= rule_id <= self._count:
+            raise KeyError(rule_id)
+        first, rules, file, lines, actions = next(p for p in reversed(self._parts) if p[0] <= rule_id)
+        rule, line, action = rules[rule_id - first], lines[rule_id - first], actions[rule_id - first]
+        info = RuleInfo(
+            name=rule.name,
+            description=rule.description if isinstance(rule.description, str) else "",
+            source=f"{file}:{line}" if line else file,
+            action=action,
+            audit=action == "deny-audit",
+            explanation=describe_rule(rule),
+            direction=rule.direction,
+            dns_names=list(self._dns.get(rule_id, ())),
+        )
+        self._made[rule_id] = info
+        return info
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1, self._count + 1))
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, rule_id: object) -> bool:
+        return isinstance(rule_id, int) and 1 <= rule_id <= self._count
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """The whole policy, flattened. ``rules`` maps rule_id (from 1, in merge order) to its info."""
@@ -95,7 +155,7 @@ class CompiledPolicy:
     who_classes: list[WhoClass]
     entries: list[KernelRule]
     defaults: dict[str, dict[str, str]]
-    rules: dict[int, RuleInfo]
+    rules: Mapping[int, RuleInfo]
     warnings: list[str]
     sources: list[str]
 
@@ -207,12 +267,6 @@ def describe_rule(rule: Rule) -> str:
     return text
 
 
-def _kernel_action(rule: Rule, doc: SourcedDocument) -> KernelAction:
-    if rule.action != "deny":
-        return rule.action
-    return "deny-audit" if rule.audit is True or doc.policy.spec.mode == "audit" else "deny"
-
-
 def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
     """Flatten a loaded policy into who-classes, kernel entries, defaults and rule info.
 
@@ -229,89 +283,112 @@ def compile_policy(policy: LoadedPolicy) -> CompiledPolicy:
         return _compile(policy)
 
 
+_ANY_PORTS = ((0, 65535),)
+_BOTH_PROTOCOLS = (6, 17)
+_PROTOCOLS: dict[object, tuple[int, ...]] = {"tcp": (6,), "udp": (17,)}  # anything else: both
+_DIRECTION_CODES = {"egress": 1, "ingress": 2, "listen": 3, "raw": 4}
+# A network key's bits above the network (see _network_key), by direction and by protocol.
+_DIRECTION_BITS = {name: code << 144 for name, code in _DIRECTION_CODES.items()}
+_PROTOCOL_BITS = {proto: proto << 136 for proto in (0, 6, 17)}
+
+
+def _network_key(direction: str, protocol: int, address: int, prefixlen: int) -> int:
+    """(direction, protocol, network) as one integer: a dictionary key the garbage collector ignores."""
+    return _DIRECTION_CODES[direction] << 144 | protocol << 136 | prefixlen << 128 | address
+
+
 def _compile(policy: LoadedPolicy) -> CompiledPolicy:
+    # One pass over the rules that makes one object per kernel entry and little else: lookups are
+    # memoised (addresses by parse_address, ports and who blocks here), networks are grouped by
+    # integer keys, and the words that describe a rule are left to RuleTable.
     warnings = [str(w) for w in policy.warnings]
     classes: dict[tuple[object, ...], WhoClass] = {}
     entries: list[KernelRule] = []
-    infos: dict[int, RuleInfo] = {}
+    append = entries.append
+    make_entry = tuple.__new__
+    table = RuleTable()
     rule_id = 0
-    per_key: dict[tuple[str, int, int, int], set[int]] = defaultdict(set)
-    key_networks: dict[tuple[str, int, int, int], ipaddress.IPv6Network] = {}
-    anyone = WhoClass(-1)
-    anyone_key = anyone.key()
+    per_key: dict[int, int] = {}  # network key -> how many rules name it
+    codes, direction_bits, protocol_bits, protocols_of = _DIRECTION_CODES, _DIRECTION_BITS, _PROTOCOL_BITS, _PROTOCOLS
+    who_memo: dict[tuple[object, ...], int] = {}  # a rule's who block as written -> class id
+    port_memo: dict[tuple[int | str, ...], list[tuple[int, int]]] = {}
+    anyone_id = -1
+    unset = msgspec.UNSET
     for doc in policy.documents:
         rules = doc.policy.spec.rules
         if isinstance(rules, msgspec.UnsetType):
             continue
+        audit_doc = doc.policy.spec.mode == "audit"
+        actions: list[KernelAction] = []
+        table.add(rules, doc.file, doc.positions.item_lines(("spec", "rules"), len(rules)), actions)
         for index, rule in enumerate(rules):
             rule_id += 1
-            where = doc.where(("spec", "rules", index))
-            cond = (
-                anyone
-                if rule.who is msgspec.UNSET
-                else who_conditions(rule.who, f"{where}: rule '{rule.name}'", warnings)
-            )
-            cond_key = anyone_key if cond is anyone else cond.key()
-            cls = classes.get(cond_key)
-            if cls is None:
-                cls = WhoClass(len(classes), cond.exe, cond.comm, cond.uid, cond.gid, cond.cgroup)
-                classes[cond_key] = cls
-            action = _kernel_action(rule, doc)
-            field_name = ADDRESS_FIELD.get(rule.direction)
-            specs = (
-                getattr(rule, "from_" if field_name == "from" else field_name)
-                if field_name
-                else msgspec.UNSET
-            )
-            networks: list[ipaddress.IPv6Network] = []
-            dns: list[str] = []
-            if isinstance(specs, msgspec.UnsetType):
-                networks = [ANY_NETWORK]
+            who = rule.who
+            if who is unset:
+                if anyone_id < 0:
+                    anyone_id = _class_id(classes, WhoClass(-1))
+                cls_id = anyone_id
             else:
-                for spec in specs:
-                    parsed = parse_address(spec)
-                    if parsed.network is not None:
-                        networks.append(parsed.network)
-                    elif parsed.dns_name is not None:
-                        dns.append(parsed.dns_name)
-            if dns:
-                warnings.append(
-                    f"{where}: rule '{rule.name}': DNS names ({', '.join(dns)}) are not enforced "
-                    "until DNS awareness lands; they match no connection yet"
-                )
-            infos[rule_id] = RuleInfo(
-                name=rule.name,
-                description=rule.description if isinstance(rule.description, str) else "",
-                source=where,
-                action=action,
-                audit=action == "deny-audit",
-                explanation=describe_rule(rule),
-                direction=rule.direction,
-                dns_names=dns,
-            )
-            if rule.direction == "raw":
-                entries.append(KernelRule(rule_id, cls.id, "raw", 0, ANY_NETWORK, 0, 255, action))
-                per_key[("raw", 0, 0, 0)].add(rule_id)
-                key_networks.setdefault(("raw", 0, 0, 0), ANY_NETWORK)
+                written = tuple(v if v is unset else tuple(v) for v in msgspec.structs.astuple(who))
+                memo_id = who_memo.get(written)
+                if memo_id is None:
+                    before = len(warnings)
+                    where = doc.where(("spec", "rules", index))
+                    cond = who_conditions(who, f"{where}: rule '{rule.name}'", warnings)
+                    cls_id = _class_id(classes, cond)
+                    if len(warnings) == before:  # a warning names its rule: compute it again for the next one
+                        who_memo[written] = cls_id
+                else:
+                    cls_id = memo_id
+            action: KernelAction = rule.action
+            if action == "deny" and (rule.audit is True or audit_doc):
+                action = "deny-audit"
+            actions.append(action)
+            direction = rule.direction
+            if direction == "raw":
+                append(make_entry(KernelRule, (rule_id, cls_id, "raw", 0, ANY_NETWORK, 0, 255, action)))
+                key = _network_key("raw", 0, 0, 0)
+                per_key[key] = per_key.get(key, 0) + 1
                 continue
-            collapsed = networks if len(networks) == 1 else list(ipaddress.collapse_addresses(networks))
-            ports = (
-                [(0, 65535)]
-                if isinstance(rule.ports, msgspec.UnsetType)
-                else merge_ranges([parse_port(p) for p in rule.ports])
-            )
-            protocols = (
-                [6, 17] if rule.protocol in ("any", msgspec.UNSET) else [PROTOCOL_NUMBERS[str(rule.protocol)]]
-            )
-            for proto in protocols:
-                for net in collapsed:
-                    net_key = (rule.direction, proto, int(net.network_address), net.prefixlen)
-                    per_key[net_key].add(rule_id)
-                    key_networks.setdefault(net_key, net)
+            specs = rule.to if direction == "egress" else rule.from_ if direction == "ingress" else rule.bind
+            networks: Sequence[ParsedAddress]
+            if isinstance(specs, msgspec.UnsetType):
+                networks = (_ANY_ADDRESS,)
+            elif len(specs) == 1 and (parsed := parse_address(specs[0])).network is not None:
+                networks = (parsed,)
+            else:
+                found = [parse_address(spec) for spec in specs]
+                dns = [a.dns_name for a in found if a.dns_name is not None]
+                if dns:
+                    table.set_dns_names(rule_id, dns)
+                    where = doc.where(("spec", "rules", index))
+                    warnings.append(
+                        f"{where}: rule '{rule.name}': DNS names ({', '.join(dns)}) are not enforced "
+                        "until DNS awareness lands; they match no connection yet"
+                    )
+                nets = [a.network for a in found if a.network is not None]
+                networks = [
+                    ParsedAddress(net, None, int(net.network_address), net.prefixlen)
+                    for net in (nets if len(nets) == 1 else ipaddress.collapse_addresses(nets))
+                ]
+            ports_written = rule.ports
+            if ports_written is unset:
+                ports: Sequence[tuple[int, int]] = _ANY_PORTS
+            else:
+                port_key = tuple(ports_written)
+                memo_ports = port_memo.get(port_key)
+                if memo_ports is None:
+                    memo_ports = port_memo[port_key] = merge_ranges([parse_port(p) for p in ports_written])
+                ports = memo_ports
+            code = direction_bits[direction]
+            for proto in protocols_of.get(rule.protocol, _BOTH_PROTOCOLS):
+                above = code | protocol_bits[proto]
+                for address in networks:
+                    key = above | address.bits
+                    per_key[key] = per_key.get(key, 0) + 1
+                    net = address.network
                     for low, high in ports:
-                        entries.append(
-                            KernelRule(rule_id, cls.id, rule.direction, proto, net, low, high, action)
-                        )
+                        append(make_entry(KernelRule, (rule_id, cls_id, direction, proto, net, low, high, action)))
     errors: list[Diagnostic] = []
     if len(classes) > MAX_WHO_CLASSES:
         errors.append(
@@ -324,16 +401,17 @@ def _compile(policy: LoadedPolicy) -> CompiledPolicy:
                 "reuse identical 'who' blocks across rules so they share one class",
             )
         )
-    for key, ids in per_key.items():
-        if len(ids) > MAX_RULES_PER_KEY:
-            direction, proto, net = key[0], key[1], key_networks[key]
+    names = {code: name for name, code in codes.items()}
+    for key, count in per_key.items():
+        if count > MAX_RULES_PER_KEY:
+            net = ipaddress.IPv6Network((key & ((1 << 128) - 1), key >> 128 & 0xFF))
             errors.append(
                 Diagnostic(
                     policy.sources[0] if policy.sources else "<policy>",
                     0,
                     0,
-                    f"{len(ids)} rules apply to {direction} protocol {proto} network {display_network(net)}; "
-                    f"the kernel supports at most {MAX_RULES_PER_KEY} rules per "
+                    f"{count} rules apply to {names[key >> 144]} protocol {key >> 136 & 0xFF} network "
+                    f"{display_network(net)}; the kernel supports at most {MAX_RULES_PER_KEY} rules per "
                     "(direction, protocol, network)",
                     "merge rules that differ only in ports or processes",
                 )
@@ -350,7 +428,17 @@ def _compile(policy: LoadedPolicy) -> CompiledPolicy:
         who_classes=sorted(classes.values(), key=lambda c: c.id),
         entries=entries,
         defaults=defaults,
-        rules=infos,
+        rules=table,
         warnings=warnings,
         sources=policy.sources,
     )
+
+
+def _class_id(classes: dict[tuple[object, ...], WhoClass], cond: WhoClass) -> int:
+    """Return the id of the class with ``cond``'s conditions, adding it when it is new."""
+    key = cond.key()
+    cls = classes.get(key)
+    if cls is None:
+        cls = WhoClass(len(classes), cond.exe, cond.comm, cond.uid, cond.gid, cond.cgroup)
+        classes[key] = cls
+    return cls.id
