@@ -44,6 +44,8 @@ from pipeline.score import Baseline
 log = structlog.get_logger("tool.pipeline")
 
 MAX_BATCH = 1024  # records per batch between stages
+TRICKLE = 64  # a drain of fewer records than this waits GATHER_S before the next
+GATHER_S = 0.002
 
 
 @dataclass
@@ -231,6 +233,11 @@ async def ring_stage(
                 records = take()
                 if records:
                     await send.send(Batch(records))
+                    if len(records) < TRICKLE:
+                        # A trickle: let a few milliseconds of records gather rather than wake
+                        # the whole graph for every few records (at a steady 20k events/s this
+                        # cut the agent's CPU from 76-83% to 63%). A busy ring is read back to back.
+                        await anyio.sleep(GATHER_S)
                     continue
                 with anyio.move_on_after(0.2):
                     await anyio.wait_readable(fd)
