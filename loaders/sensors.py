@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import operator
 import os
+import socket
 import struct
 import time
 from array import array
@@ -465,6 +466,58 @@ def _split(buffer: bytes, size: int) -> list[bytes]:
     return [buffer[i : i + size] for i in range(0, len(buffer), size)]
 
 
+_LISTENER_KEY = abi.LISTENER_KEY.compile()
+_LISTENER = abi.LISTENER.compile()
+_TASK = abi.TASK.compile()
+SO_NETNS_COOKIE = 71  # linux/socket.h, Linux 5.14+
+
+
+def _own_netns_cookie() -> int | None:
+    """The network namespace cookie of this process (None before Linux 5.14)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+        except OSError:
+            return None
+
+
+def _listening_inodes(proc: str) -> dict[int, int]:
+    """Socket inode -> local port of every listening TCP socket (IPv4 and IPv6) in /proc/net."""
+    out: dict[int, int] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"{proc}/net/{name}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A":  # TCP_LISTEN
+                        out[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return out
+
+
+def _listener_of(proc: str, pid: int, cgroup_root: str) -> bytes | None:
+    """The ``tool_listener`` value for process ``pid``, as the kernel fills it at bind."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"{proc}/{pid}/status") as f:
+            status = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+        with open(f"{proc}/{pid}/cgroup") as f:
+            cgroup_path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+        exe = os.stat(f"{proc}/{pid}/exe")
+        comm = stat[stat.index(b"(") + 1 : stat.rindex(b")")][:15]
+        cgroup_id = os.stat(os.path.join(cgroup_root, cgroup_path.lstrip("/"))).st_ino
+    except (OSError, ValueError, KeyError):
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    exec_id = int(fields[19]) * (1_000_000_000 // os.sysconf("SC_CLK_TCK"))
+    uid, gid = int(status["Uid"][0]), int(status["Gid"][0])  # real ids, as bpf_get_current_uid_gid()
+    task = _TASK.pack(pid, pid, int(fields[1]), uid, gid, 0, exec_id, cgroup_id, comm)
+    return _LISTENER.pack(task, exe.st_ino, abi.kernel_dev(exe.st_dev), 0)
+
+
 class Sensors:
     """The loaded sensors object and its links.
 
@@ -684,6 +737,61 @@ class Sensors:
                 added += 1
             except errors.BpfError:
                 pass
+        return added
+
+    def seed_listeners(self, proc: str = "/proc") -> int:
+        """Record the owners of TCP listeners that were bound before the sensors (only where absent).
+
+        Inbound connections are attributed to whoever bound the listening socket, which the
+        kernel learns at bind time; a service started before the agent would otherwise show
+        no process. This reads ``/proc/net/tcp{,6}`` and the processes' socket fds, for
+        sockets in the agent's own network namespace (others are left to their next bind).
+
+        Returns:
+            How many listeners were added.
+        """
+        netns_cookie = _own_netns_cookie()
+        if netns_cookie is None:
+            return 0
+        ports = _listening_inodes(proc)  # socket inode -> port
+        if not ports:
+            return 0
+        root = cg.cgroup2_root()
+        own_netns = os.stat(f"{proc}/self/ns/net").st_ino
+        listeners = self.maps["listeners"]
+        added = 0
+        seen: set[int] = set()
+        for entry in os.scandir(proc):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                if os.stat(f"{proc}/{pid}/ns/net").st_ino != own_netns:
+                    continue
+                fds = os.listdir(f"{proc}/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"{proc}/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if not link.startswith("socket:["):
+                    continue
+                inode = int(link[8:-1])
+                port = ports.get(inode)
+                if port is None or port in seen:
+                    continue
+                value = _listener_of(proc, pid, root)
+                if value is None:
+                    continue
+                key = _LISTENER_KEY.pack(netns_cookie, port, socket.IPPROTO_TCP, 1, 0)
+                try:
+                    listeners.update(key, value, flags=1)  # BPF_NOEXIST: a bind seen by the kernel wins
+                    added += 1
+                except errors.BpfError:
+                    pass
+                seen.add(port)
         return added
 
     # ---- policy ----

@@ -142,6 +142,7 @@ class Agent:
             if not first.ok:  # the files changed between the check above and this load
                 raise AgentStartError("the policy has errors, nothing is enforced:\n" + "\n".join(first.errors))
             seeded = self.sensors.seed_tasks()
+            seeded_listeners = self.sensors.seed_listeners()
             for prog, why in self.sensors.missing.items():
                 log.warning("feature_missing", program=prog, detail=why)
             log.info(
@@ -149,6 +150,7 @@ class Agent:
                 cgroup=self.sensors.cgroup_path,
                 mode=c.mode,
                 seeded_processes=seeded,
+                seeded_listeners=seeded_listeners,
                 programs=len(self.sensors.links),
             )
             async with _bus(c, state) as url:
