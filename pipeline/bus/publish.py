@@ -2,18 +2,18 @@
 
 Each event is encoded once with msgspec and sent with a core NATS publish on
 :func:`pipeline.events.subject_for`; the JetStream stream (:mod:`pipeline.bus.stream`)
-captures it. Publishes are grouped in batches; a flush round trip (PING/PONG) confirms every
-batch sent before it. Up to ``window`` batches are in flight while earlier ones wait for their
-confirmation, so the round trip does not pace the pipeline. If a publish or a confirmation
-fails (connection lost, reconnect buffer full, timeout) every unconfirmed batch is sent again
-with backoff until the server confirms it, so an event is never lost silently; it may be stored
-twice after a reconnect unless ``msg_id_header`` is on (the stream then drops the duplicate).
+captures it. Publishes are grouped in batches, sent back to back; a flush round trip
+(PING/PONG) confirms every batch sent before it on the same connection, once ``window`` batches
+wait or no event does. If a publish or a confirmation fails (connection lost, timeout), or the
+client reconnected in between, every unconfirmed batch is sent again, in order, with backoff
+until the server confirms it, so an event is never lost silently; it may be stored twice after
+a reconnect unless ``msg_id_header`` is on (the stream then drops the duplicate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple
 
 import anyio
 import anyio.abc
@@ -127,6 +127,10 @@ class Publisher:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Publish until the input stream ends, then return once everything is confirmed.
 
+        Batches are sent back to back; one round trip confirms all that were sent on the same
+        connection before it, either when ``window`` batches are unconfirmed or when no event
+        is waiting. One task does both, so batches go out in order, also when sent again.
+
         Args:
             task_status: Signalled as started once the stage is ready to receive.
 
@@ -134,38 +138,41 @@ class Publisher:
             PublisherClosedError: The NATS connection was closed for good.
         """
         task_status.started()
-        sent, unconfirmed = anyio.create_memory_object_stream[_Frames](self._window - 1)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._confirm, unconfirmed)
-            async with sent, self._events:
-                ended = False
-                while not ended:
+        inflight: list[_Frames] = []
+        async with self._events:
+            ended = False
+            while not ended:
+                try:
+                    first = await self._events.receive()
+                except anyio.EndOfStream:
+                    break
+                # Stages send one event, a list of events, or events already encoded.
+                batch = Encoded()
+                self._add(batch, first)
+                idle = False
+                while len(batch) < self._max_batch:
                     try:
-                        first = await self._events.receive()
-                    except anyio.EndOfStream:
-                        break
-                    # Stages send one event, a list of events, or events already encoded.
-                    batch = Encoded()
-                    self._add(batch, first)
-                    idle = False
-                    while len(batch) < self._max_batch:
-                        try:
-                            self._add(batch, self._events.receive_nowait())
-                        except anyio.WouldBlock:
-                            if idle:
-                                break
-                            # Let producers run once: while events keep coming the batch grows.
-                            idle = True
-                            await anyio.lowlevel.checkpoint()
-                            continue
-                        except anyio.EndOfStream:
-                            ended = True
+                        self._add(batch, self._events.receive_nowait())
+                    except anyio.WouldBlock:
+                        if idle:
                             break
-                        idle = False
-                    self._received += len(batch)
-                    frames = self._frame(batch)
-                    await self._send_retrying(frames)
-                    await sent.send(frames)  # blocks while `window` batches are unconfirmed
+                        # Let producers run once: while events keep coming the batch grows.
+                        idle = True
+                        await anyio.lowlevel.checkpoint()
+                        continue
+                    except anyio.EndOfStream:
+                        ended = True
+                        break
+                    idle = False
+                self._received += len(batch)
+                frames = self._frame(batch)
+                inflight.append(frames)
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    await self._send(frames)  # a batch that could not be sent is sent again by _confirm
+                if len(inflight) >= self._window or idle or ended:
+                    await self._confirm(inflight)
+            if inflight:
+                await self._confirm(inflight)
         log.info("publisher_finished", confirmed=self._confirmed)
 
     def _add(self, batch: Encoded, item: Event | list[Event] | Encoded) -> None:
@@ -203,46 +210,41 @@ class Publisher:
             sizes += size
         return _Frames(b"".join(pieces), events, sizes)
 
-    async def _send_retrying(self, batch: _Frames) -> None:
-        """Queue one batch on the client, retrying with backoff until it is accepted."""
+    async def _confirm(self, inflight: list[_Frames]) -> None:
+        """Return once the server has confirmed every batch in ``inflight`` (then emptied).
+
+        A round trip confirms a batch only if the connection it was sent on is still the
+        current one when the answer comes: nats-py's flush returns at once while it is
+        reconnecting, and what was written to a dead connection is gone. Otherwise every batch
+        of ``inflight`` is sent again, in order, before the next round trip.
+        """
+        nc = self._nc
+        events = sum(b.events for b in inflight)
         attempt = 0
         while True:
             try:
-                await self._send(batch)
-                return
+                generation = nc.stats["reconnects"]
+                if not nc.is_connected:
+                    raise nats.errors.ConnectionReconnectingError
+                if any(b.generation != generation for b in inflight):
+                    resent = 0
+                    for b in inflight:  # all of them, to keep the order
+                        await self._send(b)
+                        resent += b.events
+                    self._retried += resent
+                await server_barrier(nc, timeout=self._flush_timeout_s)
+                if not nc.is_connected or nc.stats["reconnects"] != generation:
+                    raise nats.errors.ConnectionReconnectingError
+                break
             except (nats.errors.Error, OSError) as exc:
-                attempt = await self._failed(exc, attempt, batch.events)
-
-    async def _confirm(self, unconfirmed: MemoryObjectReceiveStream[_Frames]) -> None:
-        """Confirm sent batches in order: one round trip confirms all that were sent before it."""
-        async with unconfirmed:
-            async for first in unconfirmed:
-                pending = [first]
-                while True:
-                    try:
-                        pending.append(unconfirmed.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                attempt = 0
-                while True:
-                    try:
-                        await server_barrier(self._nc, timeout=self._flush_timeout_s)
-                        break
-                    except (nats.errors.Error, OSError) as exc:
-                        events = sum(b.events for b in pending)
-                        attempt = await self._failed(exc, attempt, events)
-                    # Not confirmed: send every pending batch again before the next round trip.
-                    try:
-                        for b in pending:
-                            await self._send(b)
-                    except (nats.errors.Error, OSError):
-                        continue  # the next round trip fails too, and backs off
-                    self._retried += sum(b.events for b in pending)
-                events = sum(b.events for b in pending)
-                self._confirmed += events
-                self._batches += len(pending)
-                if attempt:
-                    log.info("publish_recovered", attempts=attempt + 1, events=events)
+                for b in inflight:
+                    b.generation = -1  # not known to have reached the server: send again
+                attempt = await self._failed(exc, attempt, events)
+        self._confirmed += events
+        self._batches += len(inflight)
+        if attempt:
+            log.info("publish_recovered", attempts=attempt + 1, events=events)
+        inflight.clear()
 
     async def _failed(self, exc: BaseException, attempt: int, events: int) -> int:
         """Count and log a failed attempt, then back off; the next attempt's number."""
@@ -261,17 +263,18 @@ class Publisher:
         nats-py has no batch publish, and one ``publish()`` per event costs more than the rest
         of the pipeline. The client's command queue (``_send_command``, then ``_flush_pending``
         to wake its flusher) is what ``publish()`` itself uses after building one PUB; this does
-        the same for many, with the same checks. Pinned to nats-py 2.x in pyproject.toml;
-        tests/bus cover it against a real server.
+        the same for many. Pinned to nats-py 2.x in pyproject.toml; tests/bus cover it against a
+        real server. Nothing is queued while the client reconnects: the batch would wait in its
+        reconnect buffer, and _confirm sends it again anyway once the connection is back.
         """
         nc = self._nc
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError
         if nc.is_draining_pubs:
             raise nats.errors.ConnectionDrainingError
-        size = len(batch.data)
-        if not nc.is_connected and (nc._max_pending_size <= 0 or size + nc.pending_data_size > nc._max_pending_size):
-            raise nats.errors.OutboundBufferLimitError  # reconnecting, and the reconnect buffer is full
+        if not nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        batch.generation = nc.stats["reconnects"]
         nc.stats["out_msgs"] += batch.events
         nc.stats["out_bytes"] += batch.payload_bytes
         await nc._send_command(batch.data)
@@ -279,7 +282,13 @@ class Publisher:
             await nc._flush_pending()
 
 
-class _Frames(NamedTuple):
-    data: bytes  # PUB/HPUB commands, back to back
-    events: int
-    payload_bytes: int
+class _Frames:
+    """One batch as NATS protocol, and the connection (reconnect count) it was last sent on."""
+
+    __slots__ = ("data", "events", "generation", "payload_bytes")
+
+    def __init__(self, data: bytes, events: int, payload_bytes: int) -> None:
+        self.data = data  # PUB/HPUB commands, back to back
+        self.events = events
+        self.payload_bytes = payload_bytes
+        self.generation = -1  # not sent yet
