@@ -183,6 +183,10 @@ async def test_nothing_lost_across_a_server_restart(tmp_path: Path) -> None:
                 with anyio.fail_after(10):
                     while publisher.counters().confirmed < n_before:
                         await anyio.sleep(0.01)  # condition polled with a deadline
+                    # Stored, not only received: a server that stops gracefully may drop what it
+                    # acknowledged but had not yet written to the stream (docs/nats.md).
+                    while await _stream_messages(nc) < n_before:
+                        await anyio.sleep(0.01)
                 await server.stop()
                 with anyio.fail_after(10):
                     await disconnected.wait()
