@@ -166,6 +166,11 @@ class _MmapSource:
         g = self._gaps
         return hot.drain(self._reader, g.see, g.expected, g.opened, self._errors, limit)
 
+    def waiting(self) -> bool:
+        """Records (complete or still being written) wait in the ring."""
+        consumer, producer = self._reader.window()
+        return consumer < producer
+
     def close(self) -> None:
         self._reader.close()
 
@@ -189,6 +194,10 @@ class _LibbpfSource:
         del self._pending[:limit]
         g = self._gaps
         return hot.decode_records(raws, g.see, g.expected, g.opened, self._errors)
+
+    def waiting(self) -> bool:
+        """Records copied out and not yet taken (libbpf consumes only complete ones)."""
+        return bool(self._pending)
 
     def close(self) -> None:
         self._rb.close()
@@ -241,8 +250,18 @@ async def ring_stage(
                     continue
                 with anyio.move_on_after(0.2):
                     await anyio.wait_readable(fd)
-            while records := take():
-                await send.send(Batch(records))
+                if source.waiting():  # readable, but the next record is still being written
+                    await anyio.sleep(GATHER_S)
+            # Drain what the ring holds now, bounded by its size: the sensors stay attached
+            # until the graph has ended, and a busy host never stops producing.
+            for _ in range(rb_map.max_entries // (hot.CONN.size + 8) // MAX_BATCH + 2):
+                records = take()
+                if records:
+                    await send.send(Batch(records))
+                elif source.waiting():  # a record still being written
+                    await anyio.sleep(GATHER_S)
+                else:
+                    break
     finally:
         source.close()
 
@@ -265,13 +284,13 @@ class Enricher:
         self.users = UserNames()
         self.cgroups = CgroupNames(cgroup_root)
         self._encode = msgspec.json.Encoder().encode
-        self._procs: dict[tuple[int, int, int, int, str], Process] = {}
+        self._procs: dict[tuple[int, int, int, int, int, int, str], Process] = {}
         # Complete identities by the kernel's raw task bytes: one dict hit per record.
         self.hot: dict[bytes, hot.Identity] = {}
         self._hot_by_tgid: dict[int, list[bytes]] = {}
 
     def process(self, t: dec.Task) -> Process:
-        key = (t.tgid, t.exec_id, t.uid, t.gid, t.comm)
+        key = (t.tgid, t.pid, t.ppid, t.exec_id, t.uid, t.gid, t.comm)
         p = self._procs.get(key)
         if p is None:
             p = process_of(self.table, self.users, t.tgid, t.pid, t.exec_id, t.ppid, t.uid, t.gid, t.comm)
