@@ -109,6 +109,70 @@ def test_inbound_allowed_is_reported_on_accept(
     assert acc.flags & abi.F_NO_TASK and acc.remote_port > 0 and acc.policy_gen in (0, gen)
 
 
+ECHO_SERVER = r"""
+import socket, sys
+family = socket.AF_INET6 if sys.argv[2] == "6" else socket.AF_INET
+s = socket.socket(family)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[3], int(sys.argv[1])))
+s.listen(8)
+print("ready", flush=True)
+for _ in range(int(sys.argv[4])):
+    c, _ = s.accept()
+    for _ in range(3):
+        c.sendall(c.recv(64))
+    c.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+def test_one_accept_event_per_connection_without_folding(
+    h: Harness, servers: list[subprocess.Popen[str]], family: int
+) -> None:
+    """With folding off, each accepted connection gives exactly one accept event; its later packets none."""
+    addr = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    port = free_port(family)
+    compiled, gen = h.apply([
+        {"name": "may-listen", "action": "allow", "direction": "listen", "ports": [port], "protocol": "tcp"},
+        {"name": "inbound", "action": "allow", "direction": "ingress", "from": [addr], "ports": [port],
+         "protocol": "tcp"},
+    ])  # fmt: skip
+    cfg = h.sensors.maps["config"]
+    key = abi.CFG_FLOW_INTERVAL_MS.to_bytes(4, "little")
+    saved = cfg.lookup(key)
+    assert saved is not None
+    cfg.update(key, (0).to_bytes(4, "little"))
+    try:
+        n = 3
+        srv = subprocess.Popen(
+            [PYTHON, "-c", ECHO_SERVER, str(port), "6" if family == socket.AF_INET6 else "4", addr, str(n)],
+            preexec_fn=h.preexec(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        servers.append(srv)
+        assert read_line(srv.stdout, 10) == "ready", srv.stderr
+        client_ports = []
+        for _ in range(n):
+            with socket.create_connection((addr, port), timeout=5) as c:
+                client_ports.append(c.getsockname()[1])
+                for i in range(3):  # established traffic: ACKs and data to the accepted socket
+                    c.sendall(b"x" * (i + 1))
+                    assert c.recv(64) == b"x" * (i + 1)
+        assert read_line(srv.stdout, 10) == "done"
+        srv.wait(10)
+    finally:
+        cfg.update(key, saved)
+    accepts = h.conns(srv.pid, abi.EV_ACCEPT)
+    assert sorted(r.remote_port for r in accepts) == sorted(client_ports)
+    for r in accepts:
+        assert (r.direction, r.local_port, r.local_addr, r.remote_addr) == (abi.DIR_INGRESS, port, addr, addr)
+        assert (r.verdict, r.rule_id, r.policy_gen, r.repeat) == (
+            abi.VERDICT_ALLOW, compiled.rule_id("inbound"), gen, 0,
+        )  # fmt: skip
+        assert r.flags & abi.F_NO_TASK
+        assert bool(r.flags & abi.F_V4) == (family == socket.AF_INET)
+
+
 def test_inbound_denied_syn_is_dropped(
     h: Harness, server_port: int, servers: list[subprocess.Popen[str]]
 ) -> None:
