@@ -120,17 +120,9 @@ def drain(
                 see_gap(cpu, seq)
             append(f)
             continue
-        raw = bytes(data[off + 8 : off + 8 + size])
-        try:
-            rec = dec.decode(raw)
-        except dec.DecodeError as exc:
-            errors.add(str(exc), size)
-            continue
-        if isinstance(rec, dec.ConnRecord):  # a connection record of an unexpected size
-            errors.add(f"connection record of {size} bytes, expected {conn_size}", size)
-            continue
-        see_gap(rec.cpu, rec.seq)
-        append(rec)
+        rec = _other_record(bytes(data[off + 8 : off + 8 + size]), see_gap, errors)
+        if rec is not None:
+            append(rec)
     reader.release(pos)
     return out
 
@@ -161,17 +153,25 @@ def decode_records(
                 see_gap(cpu, seq)
             append(f)
             continue
-        try:
-            rec = dec.decode(raw)
-        except dec.DecodeError as exc:
-            errors.add(str(exc), size)
-            continue
-        if isinstance(rec, dec.ConnRecord):
-            errors.add(f"connection record of {size} bytes, expected {conn_size}", size)
-            continue
-        see_gap(rec.cpu, rec.seq)
-        append(rec)
+        rec = _other_record(raw, see_gap, errors)
+        if rec is not None:
+            append(rec)
     return out
+
+
+def _other_record(raw: bytes, see_gap: Callable[[int, int], None], errors: DecodeErrors) -> Record | None:
+    """A record the fast path does not take: a process record through the reference decoder,
+    anything that does not match the ABI counted as a decode error (None)."""
+    try:
+        rec = dec.decode(raw)
+    except dec.DecodeError as exc:
+        errors.add(str(exc), len(raw))
+        return None
+    if isinstance(rec, dec.ConnRecord):  # a connection record of an unexpected size
+        errors.add(f"connection record of {len(raw)} bytes, expected {CONN.size}", len(raw))
+        return None
+    see_gap(rec.cpu, rec.seq)
+    return rec
 
 
 def task_of(raw: bytes) -> dec.Task:
