@@ -21,7 +21,7 @@ import time
 import nats
 
 from pipeline.bus.server import find_nats_server
-from pipeline.bus.stream import ensure_stream
+from pipeline.bus.stream import ensure_stream, stream_config
 
 PAYLOAD = b'{"type":"connection","x":"' + b"a" * 850 + b'"}'  # the size of a typical event
 SUBJECT = b"tool.events.bench.connection.egress.allowed"
@@ -54,7 +54,7 @@ async def run(storage: str, n: int) -> tuple[float, float]:
                     await asyncio.sleep(0.1)
             js = nc.jetstream()
             if storage != "none":
-                await ensure_stream(js, storage=storage)
+                await ensure_stream(js, stream_config(storage=storage))
             frame = b"PUB %s %d\r\n%s\r\n" % (SUBJECT, len(PAYLOAD), PAYLOAD)
             c0, t0 = cpu_seconds(server.pid), time.monotonic()
             for i in range(0, n, 1000):

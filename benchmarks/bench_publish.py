@@ -18,7 +18,7 @@ import nats
 
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EmbeddedNats
-from pipeline.bus.stream import ensure_stream
+from pipeline.bus.stream import ensure_stream, stream_config
 from pipeline.events import Cgroup, ConnectionEvent, Endpoint, Event, Process, RuleRef
 
 
@@ -54,7 +54,7 @@ async def bench(n: int, msg_id: bool) -> None:
     with tempfile.TemporaryDirectory() as state:
         async with EmbeddedNats(Path(state), port=0) as server:
             nc = await nats.connect(server.credentials["agent"].url_with_auth())
-            await ensure_stream(nc.jetstream(), max_bytes=4 << 30)
+            await ensure_stream(nc.jetstream(), stream_config(max_bytes=4 << 30))
             send, receive = anyio.create_memory_object_stream[Event](4096)
             publisher = Publisher(nc, receive, msg_id_header=msg_id)
             started = time.perf_counter()

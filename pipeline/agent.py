@@ -26,7 +26,7 @@ from loaders.sensors import Sensors
 from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EmbeddedNats
-from pipeline.bus.stream import ensure_stream
+from pipeline.bus.stream import ensure_stream, stream_config
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
 from pipeline.events import EnforcementEvent, Event, LossEvent, PolicyEvent, encoder
@@ -176,7 +176,7 @@ class Agent:
                 log.info("event_stream_none", advice="live subscribers only; an existing stream is left as it is")
             else:
                 try:
-                    await ensure_stream(js, storage=c.event_stream)
+                    await ensure_stream(js, stream_config(storage=c.event_stream))
                 except Exception as exc:  # a server without JetStream still gets the live stream
                     log.warning("jetstream_unavailable", error=str(exc))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import structlog
 from nats.js import JetStreamContext
@@ -19,6 +20,9 @@ DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB
 DEFAULT_DUPLICATE_WINDOW_S = 120.0
 
 
+StorageName = Literal["file", "memory"]
+
+
 def stream_config(
     *,
     name: str = EVENTS_STREAM,
@@ -26,9 +30,9 @@ def stream_config(
     max_age_s: float = DEFAULT_MAX_AGE_S,
     max_bytes: int = DEFAULT_MAX_BYTES,
     duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S,
-    storage: str = "file",
+    storage: StorageName = "file",
 ) -> StreamConfig:
-    """Build the events stream configuration (file storage, limits retention, discard old).
+    """Build the events stream configuration (limits retention, discard old).
 
     Args:
         name: Stream name.
@@ -36,16 +40,24 @@ def stream_config(
         max_age_s: Oldest event kept, in seconds.
         max_bytes: Largest total size kept; the oldest events go first.
         duplicate_window_s: Window in which a repeated ``Nats-Msg-Id`` is stored once.
+        storage: "file" (kept across server restarts) or "memory" (faster, lost when the
+            server stops).
 
     Returns:
         The configuration.
+
+    Raises:
+        ValueError: ``storage`` is neither.
     """
+    storages = {"file": StorageType.FILE, "memory": StorageType.MEMORY}
+    if storage not in storages:
+        raise ValueError(f"event stream storage {storage!r}: expected 'file' or 'memory'")
     return StreamConfig(
         name=name,
         description="tool events: every decision the agent published",
         subjects=list(subjects),
         retention=RetentionPolicy.LIMITS,
-        storage=StorageType.MEMORY if storage == "memory" else StorageType.FILE,
+        storage=storages[storage],
         discard=DiscardPolicy.OLD,
         max_age=max_age_s,
         max_bytes=max_bytes,
@@ -54,43 +66,25 @@ def stream_config(
     )
 
 
-async def ensure_stream(
-    js: JetStreamContext,
-    *,
-    name: str = EVENTS_STREAM,
-    subjects: Sequence[str] = (f"{SUBJECT_ROOT}.>",),
-    max_age_s: float = DEFAULT_MAX_AGE_S,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    duplicate_window_s: float = DEFAULT_DUPLICATE_WINDOW_S,
-    storage: str = "file",
-) -> StreamInfo:
-    """Create the events stream, or update it to this configuration if it exists.
+async def ensure_stream(js: JetStreamContext, config: StreamConfig | None = None) -> StreamInfo:
+    """Create the events stream, or update it to ``config`` if it exists.
 
     Args:
         js: JetStream context of a connection with the agent's credentials.
-        name: Stream name.
-        subjects: Subjects captured by the stream.
-        max_age_s: Oldest event kept, in seconds.
-        max_bytes: Largest total size kept.
-        duplicate_window_s: Window in which a repeated ``Nats-Msg-Id`` is stored once.
+        config: From :func:`stream_config` (default: its defaults).
 
     Returns:
         The stream's info after creation or update.
     """
-    config = stream_config(
-        name=name,
-        subjects=subjects,
-        max_age_s=max_age_s,
-        max_bytes=max_bytes,
-        duplicate_window_s=duplicate_window_s,
-        storage=storage,
-    )
+    if config is None:
+        config = stream_config()
+    assert config.name is not None
     try:
-        await js.stream_info(name)
+        await js.stream_info(config.name)
     except NotFoundError:
         info = await js.add_stream(config)
-        log.info("stream_created", stream=name, subjects=list(subjects))
+        log.info("stream_created", stream=config.name, subjects=config.subjects)
         return info
     info = await js.update_stream(config)
-    log.info("stream_updated", stream=name, subjects=list(subjects))
+    log.info("stream_updated", stream=config.name, subjects=config.subjects)
     return info

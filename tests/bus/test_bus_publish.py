@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pipeline.bus.barrier import server_barrier
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
-from pipeline.bus.stream import ensure_stream
+from pipeline.bus.stream import ensure_stream, stream_config
 from pipeline.events import ConnectionEvent, Event, decoder, subject_for
 from pipeline.hotpath import Encoded
 
@@ -141,7 +141,7 @@ async def test_durable_consumer_resumes_where_it_stopped(agent_nc: NATS, consume
 async def test_ensure_stream_is_idempotent_and_updates(agent_nc: NATS) -> None:
     """Calling ensure_stream again with new limits updates the existing stream."""
     js = agent_nc.jetstream()
-    info = await ensure_stream(js, max_age_s=3600, max_bytes=1 << 20)
+    info = await ensure_stream(js, stream_config(max_age_s=3600, max_bytes=1 << 20))
     assert info.config.max_age == 3600
     assert info.config.max_bytes == 1 << 20
     assert info.config.subjects == ["tool.events.>"]
