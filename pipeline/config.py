@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -98,13 +99,33 @@ def _where(source: str, positions: PositionMap | None, exc: msgspec.ValidationEr
     assert m is not None
     msg = m.group("msg").replace("`", "'")
     path = _path_of(m.group("path") or "")
+    choices = _choices_at(path)
+    if choices:
+        msg += ", expected one of: " + ", ".join(choices)
+        if "got 'bool'" in msg:
+            msg += " (YAML reads on/off/yes/no as true/false: quote the value)"
     if positions is None:
+        variables = [var for var, field in ENV_FIELDS.items() if (field,) == path]
+        if source.startswith("environment") and variables:
+            source = f"environment variable {variables[0]}"
         return f"{source}: {msg}" + (f" (at {'.'.join(map(str, path))})" if path else "")
     unknown = re.match(r"Object contains unknown field '(.*)'", msg)
     pos = positions.of_key((*path, unknown.group(1))) if unknown else positions.of_value(path)
     if unknown:
         msg += ", expected one of: " + ", ".join(_fields_at(path))
     return f"{source}:{pos.line}:{pos.column}: {msg}"
+
+
+def _choices_at(path: tuple[str | int, ...]) -> list[str]:
+    """The allowed values of the setting at ``path``, when its type is a set of names."""
+    cls: Any = Config
+    for part in path:
+        if not (isinstance(part, str) and hasattr(cls, "__struct_fields__")):
+            return []
+        cls = {f.name: f.type for f in msgspec.structs.fields(cls)}.get(part)
+    if typing.get_origin(cls) is typing.Literal:
+        return [str(v) for v in typing.get_args(cls)]
+    return []
 
 
 def _fields_at(path: tuple[str | int, ...]) -> list[str]:

@@ -69,3 +69,14 @@ def test_yaml_syntax_error_has_position(tmp_path: Path) -> None:
     cfg.write_text("mode: [detect\n")
     with pytest.raises(ConfigError, match=rf"^{cfg}:\d+:\d+: invalid YAML"):
         load_config(str(cfg), environ={})
+
+
+def test_event_stream_choices_and_their_errors(tmp_path: Path) -> None:
+    assert load_config(None, environ={"TOOL_EVENT_STREAM": "memory"}).event_stream == "memory"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("event_stream: off\n")  # YAML reads `off` as false: say where, and what is expected
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg), environ={})
+    assert str(e.value).startswith(f"{cfg}:1:15:") and "file" in str(e.value) and "none" in str(e.value)
+    with pytest.raises(ConfigError, match="TOOL_EVENT_STREAM"):
+        load_config(None, environ={"TOOL_EVENT_STREAM": "disk"})
