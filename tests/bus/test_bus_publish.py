@@ -10,6 +10,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from pipeline.bus.barrier import server_barrier
@@ -124,16 +125,20 @@ async def test_durable_consumer_resumes_where_it_stopped(agent_nc: NATS, consume
     config = ConsumerConfig(durable_name="audit", ack_policy=AckPolicy.EXPLICIT)
     psub = await js.pull_subscribe("tool.events.>", durable="audit", stream=EVENTS_STREAM, config=config)
     await _publish_all(agent_nc, events(10))
+    first: list[Msg] = []
     with anyio.fail_after(10):
-        first = await psub.fetch(10, timeout=5)
+        while len(first) < 10:  # a fetch returns what the stream holds yet (confirmed != stored)
+            first += await psub.fetch(10 - len(first), timeout=5)
     for msg in first:
         await msg.ack_sync()
     await psub.unsubscribe()
 
     await _publish_all(agent_nc, [connection_event(seq=s) for s in range(11, 16)])
     again = await js.pull_subscribe("tool.events.>", durable="audit", stream=EVENTS_STREAM)
+    missed: list[Msg] = []
     with anyio.fail_after(10):
-        missed = await again.fetch(5, timeout=5)
+        while len(missed) < 5:
+            missed += await again.fetch(5 - len(missed), timeout=5)
     seqs = [msgspec.json.decode(m.data)["seq"] for m in missed]
     assert seqs == [11, 12, 13, 14, 15]
 
