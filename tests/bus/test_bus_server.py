@@ -174,3 +174,53 @@ async def test_embedded_endpoint_gives_agent_url(tmp_path: Path) -> None:
         assert endpoint.startswith("nats://agent:")
         nc = await nats.connect(endpoint)
         await nc.close()
+
+
+_PARENT = """
+import sys, anyio
+from pathlib import Path
+from pipeline.bus.server import EmbeddedNats
+
+async def main():
+    server = EmbeddedNats(Path(sys.argv[1]), port=0)
+    await server.start()
+    print("SERVER-PID", server._process.pid, flush=True)
+    await anyio.sleep(3600)
+
+anyio.run(main)
+"""
+
+
+def test_server_stops_when_the_agent_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed agent does not leave its nats-server running (and holding the port)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        line = ""
+        while not line.startswith("SERVER-PID"):
+            line = parent.stdout.readline()
+            assert line, "the parent exited before starting the server"
+        server_pid = int(line.split()[1])
+        os.kill(server_pid, 0)  # running
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                break
+            # The server is our grandchild's child: once orphaned, init reaps it.
+            time.sleep(0.05)
+        else:
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail(f"nats-server {server_pid} still runs 10 s after its agent was killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
