@@ -330,11 +330,23 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         except cue_cli.CueError as exc:
             return [], exc.diagnostics
     try:
-        return load_documents(path.read_text(encoding="utf-8")), []
+        data = path.read_bytes()
+    except OSError as exc:
+        return [], [Diagnostic(name, 0, 0, f"cannot read: {exc.strerror or exc}")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return [], [
+            Diagnostic(
+                name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)"
+            )
+        ]
+    try:
+        return load_documents(text), []
     except YamlSyntaxError as exc:
         return [], [Diagnostic(name, exc.position.line, exc.position.column, exc.message)]
-    except (OSError, UnicodeDecodeError) as exc:
-        return [], [Diagnostic(name, 0, 0, f"cannot read: {exc}")]
 
 
 def _merge_defaults(

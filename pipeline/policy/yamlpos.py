@@ -434,3 +434,17 @@ def _load_slow(text: str) -> list[tuple[Any, PositionMap]]:
         mark = exc.problem_mark or exc.context_mark
         position = Position(mark.line + 1, mark.column + 1) if mark else Position(1, 1)
         raise YamlSyntaxError(f"invalid YAML: {exc.problem or exc.context}", position) from None
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not allow (a control character, say) anywhere in the file;
+        # PyYAML reports it by offset only.
+        raise YamlSyntaxError(
+            f"character U+{exc.character:04X} is not allowed in a policy file (YAML and JSON take "
+            "printable text only; write it as an escape such as \\u0001 inside a quoted string)",
+            text_position(text, exc.position),
+        ) from None
+
+
+def text_position(text: str, offset: int) -> Position:
+    """The 1-based line and column of a character offset into ``text``."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    return Position(text.count("\n", 0, offset) + 1, offset - line_start + 1)

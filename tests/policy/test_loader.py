@@ -186,3 +186,24 @@ def test_json_repeated_key_is_a_syntax_error(tmp_path: Path) -> None:
     path.write_text('{"apiVersion": "tool/v1", "kind": "Policy", "kind": "Policy"}\n')
     [error] = _errors(path)
     assert error == f"{path}:1:45: duplicate key 'kind'"
+
+
+def test_control_character_is_reported_at_its_place(write_policy: Write) -> None:
+    """A stray control character gets file:line:col and what to do, not a PyYAML traceback."""
+    path = write_policy("  rules:\n    - name: a\x01b\n      action: allow\n      direction: egress\n")
+    [error] = _errors(path)
+    assert error.startswith(f"{path}:6:14: character U+0001 is not allowed")
+
+
+def test_control_character_in_json_is_reported_at_its_place(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"apiVersion": "tool/v1",\n "kind": "Pol\x07icy"}\n')
+    [error] = _errors(path)
+    assert error.startswith(f"{path}:2:14: character U+0007 is not allowed")
+
+
+def test_non_utf8_byte_is_reported_at_its_place(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"apiVersion: tool/v1\nkind: Pol\xe9cy\n")
+    [error] = _errors(path)
+    assert error == f"{path}:2:10: byte 0xe9 is not UTF-8 text (policies are UTF-8)"
