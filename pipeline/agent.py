@@ -7,6 +7,7 @@ SIGINT (drain, then stop) while SIGHUP reloads the policy.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import secrets
 import signal
@@ -83,6 +84,7 @@ class Agent:
         self._loss_prev = {"ring_buffer_full": 0, "folded": 0, "gaps": 0}
         self.publisher: Publisher | None = None
         self.exporter: Any = None  # pipeline.outputs.otel.OtelExporter when OpenTelemetry is on
+        self.audit: Any = None  # pipeline.outputs.audit_process.AuditProcess when the audit log is on
         self.ready = anyio.Event()
 
     # ---- control ----
@@ -241,6 +243,8 @@ class Agent:
                 await nc.flush(timeout=5)
                 with anyio.move_on_after(2):  # the outputs' last messages reach them before they stop
                     await subs_nc.flush()
+                if self.audit is not None:  # after nc.flush: the server holds every event for it
+                    await self.audit.stop()
                 outputs.cancel_scope.cancel()
         finally:
             for conn in (subs_nc, nc):
@@ -255,20 +259,22 @@ class Agent:
     async def _start_outputs(self, tg: anyio.abc.TaskGroup, nc: NATS, callbacks: NatsConnectionEvents) -> None:
         c = self.config
         if c.audit_log:
-            from pipeline.outputs.audit import run_audit
+            from pipeline.outputs.audit_process import AuditProcess, AuditSettings
 
-            await tg.start(
-                lambda task_status: run_audit(
-                    nc,
-                    Path(c.audit_log or ""),
-                    connection_events=callbacks,
+            # Its own process: rendering and writing lines must not take the pipeline's core.
+            self.audit = AuditProcess(
+                AuditSettings(
+                    path=str(c.audit_log),
+                    nats_url=self.nats_url,
                     max_bytes=c.audit.max_bytes,
                     max_age_s=c.audit.max_age_s,
                     keep=c.audit.keep,
                     process_events=c.audit.process_events,
-                    task_status=task_status,
+                    verbose=structlog.get_logger().bind().is_enabled_for(logging.DEBUG),
                 )
             )
+            await self.audit.start()
+            tg.start_soon(self.audit.supervise)
         if c.otel_enabled or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or c.opentelemetry:
             from pipeline.outputs.otel import OtelExporter, run_otel
 

@@ -276,7 +276,7 @@ class EmbeddedNats:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             self._process = await anyio.open_process(
-                [*_parent_death_prefix(), str(binary), "-c", str(config_path)],
+                [*parent_death_prefix(), str(binary), "-c", str(config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
@@ -366,13 +366,13 @@ class EmbeddedNats:
         self._log.info("nats_server_stopped", returncode=process.returncode)
 
 
-def _parent_death_prefix() -> list[str]:
-    """The command prefix that makes the server stop when the agent dies.
+def parent_death_prefix() -> list[str]:
+    """The command prefix that makes a child process stop when the agent dies.
 
     Without it, a SIGKILLed agent (OOM killer, ``kill -9``) leaves its nats-server running
-    and holding the port, and the next start fails on it. ``setpriv --pdeathsig TERM``
+    and holding the port, and the next start fails on it; the audit writer likewise. ``setpriv --pdeathsig TERM``
     (util-linux) sets the parent-death signal and execs the server in the same process,
-    so the server gets SIGTERM, stores what it holds and exits. Without setpriv the server
+    so the child gets SIGTERM, stores what it holds and exits. Without setpriv the child
     starts as before; under systemd, ``KillMode=control-group`` cleans it up anyway.
     """
     setpriv = shutil.which("setpriv")

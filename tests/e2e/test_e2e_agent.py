@@ -651,3 +651,64 @@ def test_bad_policy_or_config_at_start_is_refused_with_where(tmp_path: Path) -> 
     assert f"{cfg}:2:1:" in out.stderr and "flow_interval_ms" in out.stderr
     out = subprocess.run([*run, "--mode", "block"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def _audit_writer_pids(stderr: Path) -> list[int]:
+    """The pids of the audit writer processes the agent started, in order (from its log)."""
+    pids = []
+    for line in stderr.read_text().splitlines():
+        if "audit_writer_started" in line:
+            pids.append(int(json.loads(line)["pid"]))
+    return pids
+
+
+def test_audit_writer_runs_apart_and_writes_every_event_before_the_agent_exits(tmp_path: Path) -> None:
+    """The audit lines come from their own process; SIGTERM right after a burst loses none."""
+    require_kernel()
+    sends = 3000
+    with cg.scratch_cgroup("tooltest-e2e") as path:
+        agent = _start(tmp_path, path, f"flow_interval_ms: 0\naudit_log: {tmp_path / 'audit.log'}\n")
+        try:
+            [pid] = _audit_writer_pids(agent.stderr)
+            assert pid != agent.proc.pid
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"pipeline.outputs.audit_process" in cmdline
+            assert int(Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[1]) == agent.proc.pid
+            out = agent.run_in_cgroup(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                f"for _ in range({sends}):\n    s.sendto(b'x', ('127.0.0.1', 1013))\nprint('sent')\n"
+            )
+            assert "sent" in out
+        finally:
+            stop_agent(agent.proc)
+        assert agent.proc.returncode == 0
+        lines = agent.audit.read_text().splitlines()
+    conn = [ln for ln in lines if " CONN " in ln and "->127.0.0.1:1013/udp" in ln]
+    assert len(conn) == sends, f"{len(conn)} CONN lines for {sends} datagrams"
+    assert "event=stopped" in lines[-1]
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_killed_audit_writer_is_restarted_and_says_so(tmp_path: Path) -> None:
+    """kill -9 of the writer: the agent starts another, which notes the outage in the log."""
+    require_kernel()
+    with cg.scratch_cgroup("tooltest-e2e") as path:
+        agent = _start(tmp_path, path, f"audit_log: {tmp_path / 'audit.log'}\n")
+        try:
+            [first] = _audit_writer_pids(agent.stderr)
+            os.kill(first, signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while len(_audit_writer_pids(agent.stderr)) < 2:
+                assert time.monotonic() < deadline, agent.stderr.read_text()[-3000:]
+                time.sleep(0.1)
+            assert "audit_writer_died" in agent.stderr.read_text()
+            agent.run_in_cgroup(CLIENT + "tcp(1014)")
+            deadline = time.monotonic() + 30
+            while "->127.0.0.1:1014/tcp" not in agent.audit.read_text():
+                assert time.monotonic() < deadline, agent.audit.read_text()[-3000:]
+                time.sleep(0.1)
+        finally:
+            stop_agent(agent.proc)
+        text = agent.audit.read_text()
+    [restart] = [ln for ln in text.splitlines() if "event=writer_restarted" in ln]
+    assert "restarts=1" in restart and "signal 9" in restart
