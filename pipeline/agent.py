@@ -28,6 +28,7 @@ from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EmbeddedNats
 from pipeline.bus.stream import ensure_stream, stream_config
+from pipeline.cgroup_watch import CgroupWatcher, patterns_to_follow
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
 from pipeline.events import EnforcementEvent, Event, LossEvent, PolicyEvent, encoder
@@ -80,6 +81,7 @@ class Agent:
         self.nats_url = ""
         self.started = time.time()
         self._stop = anyio.Event()
+        self._policy_changed = anyio.Event()  # set (and replaced) by every successful reload
         self._send_event: Any = None
         self._loss_prev = {"ring_buffer_full": 0, "folded": 0, "gaps": 0}
         self.publisher: Publisher | None = None
@@ -98,6 +100,9 @@ class Agent:
         assert self.runtime is not None
         result = await anyio.to_thread.run_sync(self.runtime.load)
         await self._publish_policy_event(result)
+        if result.ok:
+            self._policy_changed.set()
+            self._policy_changed = anyio.Event()
         return result
 
     async def _publish_policy_event(self, result: LoadResult) -> None:
@@ -220,6 +225,7 @@ class Agent:
                         control.start_soon(self._signals)
                         control.start_soon(self._loss_reporter)
                         control.start_soon(self._policy_watcher)
+                        control.start_soon(self._cgroup_watcher)
                         control.start_soon(self._baseline_saver, baseline)
                         await self._publish_policy_event(first)
                         self.ready.set()
@@ -315,6 +321,28 @@ class Agent:
             if await anyio.to_thread.run_sync(self.runtime.changed):
                 log.info("reload_requested", reason="policy file changed")
                 await self.reload_policy()
+
+    async def _cgroup_watcher(self) -> None:
+        """Swap the policy in again when a cgroup its selectors match appears (a new container)."""
+        assert self.runtime is not None
+        runtime = self.runtime
+        root = cg.cgroup2_root()
+
+        async def reapply(created: list[str]) -> None:
+            log.info("cgroup_created", cgroups=created[:10], count=len(created))
+            result = await anyio.to_thread.run_sync(runtime.reapply, f"cgroup created: {created[0]}")
+            await self._publish_policy_event(result)
+
+        while True:
+            changed = self._policy_changed
+            patterns = patterns_to_follow(runtime.cgroup_patterns(), root)
+            if not patterns:
+                await changed.wait()
+                continue
+            async with anyio.create_task_group() as tg:
+                await tg.start(CgroupWatcher(root, patterns, reapply).run)
+                await changed.wait()  # a new policy may select other cgroups
+                tg.cancel_scope.cancel()
 
     async def _baseline_saver(self, baseline: Baseline) -> None:
         while True:

@@ -168,6 +168,31 @@ class PolicyRuntime:
             raise
         return self.generation
 
+    def cgroup_patterns(self) -> list[str]:
+        """The cgroup selectors (``cgroup``, ``unit``, ``container``) of the policy in force."""
+        if self.compiled is None:
+            return []
+        return sorted({p for wc in self.compiled.who_classes for p in (wc.cgroup or [])})
+
+    def reapply(self, reason: str) -> LoadResult:
+        """Swap the policy in force in again, resolving its selectors anew (a cgroup appeared).
+
+        The files are not read again. A failure keeps the policy in force (as :meth:`load`).
+        """
+        started = time.perf_counter()
+        assert self.compiled is not None
+        compiled = self.compiled
+        try:
+            generation, _ = self._apply(compiled)
+        except TablesError as exc:
+            return self._rejected(started, compiled.sources, [str(exc)])
+        self.generation = generation
+        result = LoadResult(
+            True, generation, len(compiled.rules), compiled.sources, [], [], (time.perf_counter() - started) * 1000
+        )
+        log.info("policy_reapplied", reason=reason, generation=generation, duration_ms=round(result.duration_ms, 1))
+        return result
+
     def _snapshot(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for p in self.paths:

@@ -544,11 +544,13 @@ def test_api_answers_status_and_validates_policies(agent: RunningAgent) -> None:
     assert "error" in wrong_mode and "detect" in wrong_mode["error"]
 
 
-def _start(tmp_path: Path, cgroup_path: str, config: str, env: dict[str, str] | None = None) -> RunningAgent:
+def _start(
+    tmp_path: Path, cgroup_path: str, config: str, env: dict[str, str] | None = None, policy_text: str = POLICY
+) -> RunningAgent:
     cfg = tmp_path / "config.yaml"
     cfg.write_text(config)
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
+    policy.write_text(policy_text)
     err = tmp_path / "agent.stderr"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--cgroup", cgroup_path,
@@ -712,3 +714,45 @@ def test_a_killed_audit_writer_is_restarted_and_says_so(tmp_path: Path) -> None:
         text = agent.audit.read_text()
     [restart] = [ln for ln in text.splitlines() if "event=writer_restarted" in ln]
     assert "restarts=1" in restart and "signal 9" in restart
+
+
+def test_a_cgroup_created_after_the_load_gets_its_rules(tmp_path: Path) -> None:
+    """A cgroup matching a selector appears while the agent runs (a new container): its rule applies."""
+    require_kernel()
+    with cg.scratch_cgroup("tooltest-e2e") as path:
+        rel = os.path.relpath(path, cg.cgroup2_root())
+        policy = f"""
+apiVersion: tool/v1
+kind: Policy
+metadata: {{name: late}}
+spec:
+  defaults:
+    prevent: {{egress: deny, ingress: allow, listen: allow, raw: deny}}
+  rules:
+    - name: late-workers
+      action: allow
+      direction: egress
+      who: {{cgroup: ["/{rel}/worker-*"]}}
+      to: [127.0.0.1]
+      ports: [1015]
+"""
+        agent = _start(tmp_path, path, "mode: prevent\naudit_log: ''\n", policy_text=policy)
+        late = os.path.join(path, "worker-1")
+        try:
+            assert "cgroup_watch_started" in agent.stderr.read_text()
+            os.mkdir(late)
+            deadline = time.monotonic() + 20
+            while "policy_reapplied" not in agent.stderr.read_text():
+                assert time.monotonic() < deadline, agent.stderr.read_text()[-3000:]
+                time.sleep(0.05)
+            code = CLIENT + "tcp(1015)"
+            inside = subprocess.run(
+                [sys.executable, "-c", code], preexec_fn=cg.enter(late), capture_output=True, text=True, timeout=60
+            ).stdout
+            outside = agent.run_in_cgroup(code)
+        finally:
+            stop_agent(agent.proc)
+            os.rmdir(late)
+    # Nothing listens on 1015: allowed means the kernel let the SYN out (refused by the peer).
+    assert "1015 errno 111" in inside, inside
+    assert "1015 errno 1" in outside and "errno 111" not in outside, outside
