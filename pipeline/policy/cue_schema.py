@@ -10,6 +10,7 @@ from __future__ import annotations
 from pipeline.policy.model import (
     ADDRESS_PATTERN,
     CGROUP_PATTERN,
+    COMM_PATTERN,
     EXE_PATTERN,
     NAME_PATTERN,
     PORT_STRING_PATTERN,
@@ -39,7 +40,7 @@ package policy
 #DefaultAction: "allow" | "alert" | "deny"
 #Protocol:      "tcp" | "udp" | "any"
 
-#Comm:          string & strings.MinRunes(1) & strings.MaxRunes(15)
+#Comm:          string & strings.MinRunes(1) & strings.MaxRunes(15) & =~{_q(COMM_PATTERN)}
 
 #Who: {{
 	exe?:       [string & =~{_q(EXE_PATTERN)}, ...string & =~{_q(EXE_PATTERN)}]

@@ -21,6 +21,7 @@ from pipeline.policy.model import (
     ADDRESS_PATTERN,
     AGENT_MODES,
     CGROUP_PATTERN,
+    COMM_PATTERN,
     DIRECTIONS,
     EXE_PATTERN,
     NAME_PATTERN,
@@ -61,6 +62,10 @@ _PATTERN_MEANING = {
     ADDRESS_PATTERN: "an IP address, a CIDR like '10.0.0.0/8', 'any' or a DNS name like '*.example.com'",
     EXE_PATTERN: "an absolute path like '/usr/sbin/nginx'",
     CGROUP_PATTERN: "a cgroup path from the root, like '/system.slice/nginx.service'",
+    COMM_PATTERN: (
+        "a process name without '*' or '?', like 'nginx': the kernel compares names exactly; "
+        "for a pattern, use an 'exe' glob such as '/usr/bin/python3*'"
+    ),
     PRINCIPAL_PATTERN: "a user or group name, or a numeric id",
     "^[0-9a-f]{6,64}$": "a container id (6 to 64 lower-case hex digits)",
 }

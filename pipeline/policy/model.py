@@ -43,6 +43,8 @@ ADDRESS_PATTERN = (
 )
 EXE_PATTERN = "^/.+$"
 CGROUP_PATTERN = "^/.*$"
+COMM_PATTERN = "^[^*?]+$"
+"""The kernel compares a process name exactly (a hash lookup), so a wildcard would match nothing."""
 PRINCIPAL_PATTERN = "^[A-Za-z_][A-Za-z0-9_.-]*[$]?$"
 
 Name = Annotated[str, Meta(pattern=NAME_PATTERN, description="Lower-case-friendly identifier.")]
@@ -62,7 +64,15 @@ ExePath = Annotated[
     str, Meta(pattern=EXE_PATTERN, description="Absolute path; '*', '?' and '**' globs allowed.")
 ]
 CgroupPath = Annotated[str, Meta(pattern=CGROUP_PATTERN, description="cgroup v2 path from the root.")]
-Comm = Annotated[str, Meta(min_length=1, max_length=15)]
+Comm = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=15,
+        pattern=COMM_PATTERN,
+        description="Process name, compared exactly (no wildcards; use 'exe' globs for patterns).",
+    ),
+]
 
 
 # gc=False: no document struct can be part of a reference cycle, and untracked they keep the cyclic

@@ -25,7 +25,7 @@ PRECEDENCE = """\
        to: [10.0.0.5], ports: [postgres], protocol: tcp}
     - {name: deny-db-others, action: deny, direction: ingress, from: ["2001:db8::/32"], ports: ["5000-5999"]}
     - {name: units, action: alert, direction: listen, who: {unit: [web.service]}, bind: [0.0.0.0/0]}
-    - {name: raw, action: deny, direction: raw, who: {comm: ["tcp*"]}}
+    - {name: raw, action: deny, direction: raw, who: {comm: ["tcpdump"]}}
 """
 
 
