@@ -228,7 +228,7 @@ async def _child(settings: AuditSettings) -> int:
             # ping; drain() then hands every delivered message to the writer before closing.
             with anyio.move_on_after(STOP_TIMEOUT_S / 2):
                 try:
-                    await nc.flush(timeout=STOP_TIMEOUT_S / 4)
+                    await nc.flush(timeout=int(STOP_TIMEOUT_S / 4))
                 except Exception as exc:  # the server is gone: write what we hold
                     _log.warning("audit_flush_failed", error=repr(exc))
                 await nc.drain()
