@@ -218,3 +218,32 @@ class TestGaps:
         lines = audit_lines(path)
         assert any("SEQRESET host=web1 cpu=0 previous=100 seq=1" in line for line in lines)
         assert not any(" GAP " in line for line in lines)
+
+
+def test_a_held_burst_is_written_in_order_at_release_and_never_overfills_a_file(tmp_path: Path) -> None:
+    """Held lines wait for release() (one write), keep their order, and respect max_bytes."""
+    import msgspec
+
+    path = tmp_path / "log" / "audit.log"
+    with AuditWriter(path, max_bytes=4000, keep=50) as writer:
+        writer.hold()
+        for seq in range(1, 61):
+            writer.write_connection(msgspec.json.encode(connection(seq)))
+        current = [ln for ln in audit_lines(path) if " CONN " in ln]
+        writer.release()
+        files = sorted(path.parent.glob("audit.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+        sizes = [p.stat().st_size for p in files]
+        lines = [ln for p in files for ln in audit_lines(p) if " CONN " in ln]
+    # Only the lines that had to go out before a rotation were written before release().
+    assert len(current) < 60
+    assert [int(ln.split(" seq=")[1].split()[0]) for ln in lines] == list(range(1, 61))
+    assert len(files) > 3 and max(sizes) <= 4000
+
+
+def test_fsync_writes_each_line_at_once(tmp_path: Path) -> None:
+    """With fsync on, nothing is held: every line is on disk when write returns."""
+    path = tmp_path / "log" / "audit.log"
+    with AuditWriter(path, fsync=True) as writer:
+        writer.hold()
+        writer.write(connection(1))
+        assert any(" seq=1 " in ln for ln in audit_lines(path))
