@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import secrets
 import signal
@@ -28,7 +29,7 @@ from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EmbeddedNats
 from pipeline.bus.stream import ensure_stream, stream_config
-from pipeline.cgroup_watch import CgroupWatcher, patterns_to_follow
+from pipeline.cgroup_watch import CgroupWatcher
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
 from pipeline.events import EnforcementEvent, Event, LossEvent, PolicyEvent, encoder
@@ -105,7 +106,7 @@ class Agent:
             self._policy_changed = anyio.Event()
         return result
 
-    async def _publish_policy_event(self, result: LoadResult) -> None:
+    async def _publish_policy_event(self, result: LoadResult, reason: str = "reload") -> None:
         event = PolicyEvent(
             id=f"{self.instance}-policy-{result.generation}-{int(time.time() * 1000)}",
             time_ns=time.time_ns(),
@@ -116,6 +117,7 @@ class Agent:
             rules=result.rules,
             errors=result.errors,
             duration_ms=round(result.duration_ms, 3),
+            reason=reason,
         )
         if self._send_event is not None:
             await self._send_event.send(event)
@@ -225,9 +227,9 @@ class Agent:
                         control.start_soon(self._signals)
                         control.start_soon(self._loss_reporter)
                         control.start_soon(self._policy_watcher)
-                        control.start_soon(self._cgroup_watcher)
+                        await control.start(self._cgroup_watcher)
                         control.start_soon(self._baseline_saver, baseline)
-                        await self._publish_policy_event(first)
+                        await self._publish_policy_event(first, "start")
                         self.ready.set()
                         task_status.started(self)
                         log.info("agent_running", host=self.host, nats=_redact(url), mode=c.mode)
@@ -253,6 +255,8 @@ class Agent:
                     await self.audit.stop()
                 outputs.cancel_scope.cancel()
         finally:
+            if self.audit is not None:  # on an error path it may still run (stop() is idempotent)
+                await self.audit.stop()
             for conn in (subs_nc, nc):
                 try:
                     await conn.drain()
@@ -268,10 +272,14 @@ class Agent:
             from pipeline.outputs.audit_process import AuditProcess, AuditSettings
 
             # Its own process: rendering and writing lines must not take the pipeline's core.
+            # The agent's own URL: the writer is the agent's root-owned child, and confirming its
+            # subscription needs a publish to its own inbox, which the subscribe-only consumer
+            # user may not do (it could otherwise forge replies to other clients' requests).
+            url = self.nats_url
             self.audit = AuditProcess(
                 AuditSettings(
                     path=str(c.audit_log),
-                    nats_url=self.nats_url,
+                    nats_url=url,
                     max_bytes=c.audit.max_bytes,
                     max_age_s=c.audit.max_age_s,
                     keep=c.audit.keep,
@@ -322,8 +330,12 @@ class Agent:
                 log.info("reload_requested", reason="policy file changed")
                 await self.reload_policy()
 
-    async def _cgroup_watcher(self) -> None:
-        """Swap the policy in again when a cgroup its selectors match appears (a new container)."""
+    async def _cgroup_watcher(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Swap the policy in again when a cgroup its selectors match appears (a new container).
+
+        Ready once the first watch is in place, so a cgroup made after the agent reports
+        ``agent_running`` is seen. A watch is made for each policy that has cgroup selectors.
+        """
         assert self.runtime is not None
         runtime = self.runtime
         root = cg.cgroup2_root()
@@ -331,18 +343,36 @@ class Agent:
         async def reapply(created: list[str]) -> None:
             log.info("cgroup_created", cgroups=created[:10], count=len(created))
             result = await anyio.to_thread.run_sync(runtime.reapply, f"cgroup created: {created[0]}")
-            await self._publish_policy_event(result)
+            await self._publish_policy_event(result, "cgroup-created")
 
+        started = False
         while True:
             changed = self._policy_changed
-            patterns = patterns_to_follow(runtime.cgroup_patterns(), root)
-            if not patterns:
+            patterns = runtime.cgroup_patterns()
+            try:
+                if patterns:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(CgroupWatcher(root, patterns, reapply).run)
+                        if not started:
+                            started = True
+                            task_status.started()
+                        # A cgroup made between the policy's resolution and the watch.
+                        if await anyio.to_thread.run_sync(runtime.cgroups_moved):
+                            await reapply(["(made before the watch started)"])
+                        await changed.wait()  # a new policy may select other cgroups
+                        tg.cancel_scope.cancel()
+                    continue
+            except* OSError as group:
+                log.error(
+                    "cgroup_watch_unavailable",
+                    error=str(group.exceptions[0]),
+                    advice="cgroups created from now on are resolved at the next reload; retrying in 60 s",
+                )
+            if not started:
+                started = True
+                task_status.started()
+            with anyio.move_on_after(60 if patterns else math.inf):
                 await changed.wait()
-                continue
-            async with anyio.create_task_group() as tg:
-                await tg.start(CgroupWatcher(root, patterns, reapply).run)
-                await changed.wait()  # a new policy may select other cgroups
-                tg.cancel_scope.cancel()
 
     async def _baseline_saver(self, baseline: Baseline) -> None:
         while True:

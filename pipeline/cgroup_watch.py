@@ -7,7 +7,8 @@ is swapped in. A container started afterwards (``container: [3f2a9c]`` is the gl
 fall to the default until the next reload. This watcher sees each new cgroup directory
 (inotify on the cgroup v2 tree; ``mkdir`` there raises ``IN_CREATE`` like on any file system)
 and, when one matches a selector of the policy in force, has the policy swapped in again so
-the new id is in the kernel's tables. It watches only when the policy has such selectors.
+the new id is in the kernel's tables. It watches whenever the policy has such selectors, plain
+paths included: ``systemctl restart`` makes a unit's cgroup again, with a new id.
 
 Between the cgroup's creation and the swap (milliseconds for a small policy) a process in it
 is decided without its cgroup rules; container runtimes create the cgroup before they start
@@ -21,12 +22,12 @@ import ctypes.util
 import errno
 import os
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
 
-from pipeline.policy.globs import glob_match, is_glob
+from pipeline.policy.globs import glob_match
 
 log = structlog.get_logger(__name__)
 
@@ -47,17 +48,13 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 
 
-def patterns_to_follow(patterns: Iterable[str], root: str) -> list[str]:
-    """The cgroup selectors that a cgroup created later could newly match.
-
-    Globs always can; a plain path can when it does not exist yet.
-    """
-    out = []
-    for pattern in patterns:
-        rel = pattern.strip("/")
-        if is_glob(rel) or not os.path.isdir(os.path.join(root, rel)):
-            out.append(rel)
-    return sorted(set(out))
+def _inotify_init() -> int:
+    fd: int = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        hint = " (raise fs.inotify.max_user_instances)" if err == errno.EMFILE else ""
+        raise OSError(err, f"cannot watch the cgroup tree: inotify_init1: {os.strerror(err)}{hint}")
+    return fd
 
 
 class CgroupWatcher:
@@ -76,6 +73,7 @@ class CgroupWatcher:
         self._fd = -1
         self._paths: dict[int, str] = {}  # watch descriptor -> absolute directory
         self.overflows = 0
+        self.unwatched = 0  # directories left unwatched for want of inotify watches
 
     def _add(self, directory: str) -> None:
         """Watch ``directory`` and every directory below it (created before the watch landed)."""
@@ -84,11 +82,14 @@ class CgroupWatcher:
             if wd < 0:
                 err = ctypes.get_errno()
                 if err == errno.ENOSPC:
-                    log.error(
-                        "cgroup_watch_limit",
-                        watched=len(self._paths),
-                        advice="raise fs.inotify.max_user_watches; new cgroups below here are not followed",
-                    )
+                    self.unwatched += 1
+                    if self.unwatched == 1:  # once: every later mkdir would repeat it
+                        log.error(
+                            "cgroup_watch_limit",
+                            watched=len(self._paths),
+                            advice="raise fs.inotify.max_user_watches; cgroups below unwatched ones are "
+                            "resolved at the next reload only",
+                        )
                     return
                 continue  # removed meanwhile
             self._paths[wd] = current
@@ -133,9 +134,7 @@ class CgroupWatcher:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch until cancelled; reports ready once the whole tree is watched."""
-        self._fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if self._fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self._fd = _inotify_init()
         try:
             await anyio.to_thread.run_sync(self._add, self.root)
             log.info("cgroup_watch_started", directories=len(self._paths), patterns=self.patterns)
@@ -149,7 +148,7 @@ class CgroupWatcher:
                     self.overflows += 1
                     self._paths.clear()
                     os.close(self._fd)
-                    self._fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+                    self._fd = _inotify_init()
                     await anyio.to_thread.run_sync(self._add, self.root)
                     created = [self.root]
                 matched = await anyio.to_thread.run_sync(self._matching, created) if created else []

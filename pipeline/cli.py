@@ -20,9 +20,7 @@ def setup_logging(verbose: bool = False, *, json_logs: bool | None = None) -> No
     level = logging.DEBUG if verbose else logging.INFO
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -43,39 +41,26 @@ def _add_run(sub: Any) -> None:
         description="Attach the kernel sensors, run the stage graph and publish every event on NATS. "
         "Settings: built-in defaults < --config file < TOOL_* environment < flags.",
     )
-    p.add_argument(
-        "--mode", choices=["detect", "prevent"], help="detect: flag only; prevent: the kernel refuses"
-    )
-    p.add_argument(
-        "--nats", metavar="URL", help="use this NATS server or cluster instead of the embedded one"
-    )
+    p.add_argument("--mode", choices=["detect", "prevent"], help="detect: flag only; prevent: the kernel refuses")
+    p.add_argument("--nats", metavar="URL", help="use this NATS server or cluster instead of the embedded one")
     p.add_argument(
         "--policy",
         metavar="PATH",
         action="append",
         help="policy file or directory (repeatable; default: the shipped default policy)",
     )
-    p.add_argument(
-        "--cgroup", metavar="PATH", help="cgroup v2 directory to watch (default: the root: whole host)"
-    )
+    p.add_argument("--cgroup", metavar="PATH", help="cgroup v2 directory to watch (default: the root: whole host)")
     p.add_argument("--state-dir", metavar="PATH", help="state directory (default: /var/lib/tool)")
-    p.add_argument(
-        "--audit-log", metavar="PATH", help="audit log file (default: /var/log/tool/audit.log; '' = off)"
-    )
-    p.add_argument(
-        "--config", metavar="PATH", help="YAML config file (default: $TOOL_CONFIG or /etc/tool/config.yaml)"
-    )
-    p.add_argument(
-        "--nats-port", type=int, metavar="PORT", help="embedded NATS port on loopback (default 4222)"
-    )
+    p.add_argument("--audit-log", metavar="PATH", help="audit log file (default: /var/log/tool/audit.log; '' = off)")
+    p.add_argument("--config", metavar="PATH", help="YAML config file (default: $TOOL_CONFIG or /etc/tool/config.yaml)")
+    p.add_argument("--nats-port", type=int, metavar="PORT", help="embedded NATS port on loopback (default 4222)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (includes libbpf's log)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.agent import Agent, AgentStartError
+    from pipeline.agent import Agent
     from pipeline.config import ConfigError, load_config
-    from pipeline.policy import PolicyError
 
     setup_logging(args.verbose)
     log = structlog.get_logger("tool")
@@ -97,22 +82,37 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         anyio.run(Agent(config).run)
-    except PolicyError as exc:
-        print(f"tool-pipeline: the policy has errors, nothing was attached:\n{exc}", file=sys.stderr)
-        return 1
-    except AgentStartError as exc:
-        print(f"tool-pipeline: {exc}", file=sys.stderr)
-        return 1
-    except bpf_errors.BpfError as exc:
-        print(
-            f"tool-pipeline: cannot attach the sensors: {exc}\nrun 'tool-pipeline doctor' for a full check",
-            file=sys.stderr,
-        )
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _start_error(exc)
+        if message is None:
+            raise
+        print(f"tool-pipeline: {message}", file=sys.stderr)
+        return 1
     log.info("agent_stopped")
     return 0
+
+
+def _start_error(exc: BaseException) -> str | None:
+    """What to tell the user about an error that stopped the agent, or None for a bug (traceback).
+
+    Errors raised in the agent's task groups arrive wrapped in exception groups; the first
+    one that is not a consequence of another is the one to report.
+    """
+    from pipeline.agent import AgentStartError
+    from pipeline.outputs.audit_process import AuditProcessError
+    from pipeline.policy import PolicyError
+
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, PolicyError):
+        return f"the policy has errors, nothing was attached:\n{exc}"
+    if isinstance(exc, AgentStartError | AuditProcessError):
+        return str(exc)
+    if isinstance(exc, bpf_errors.BpfError):
+        return f"cannot attach the sensors: {exc}\nrun 'tool-pipeline doctor' for a full check"
+    return None
 
 
 def _add_api(sub: Any) -> None:
@@ -121,9 +121,7 @@ def _add_api(sub: Any) -> None:
         ("stats", "show the running agent's counters"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument(
-            "--nats", metavar="URL", help="server URL with credentials (default: embedded, consumer)"
-        )
+        p.add_argument("--nats", metavar="URL", help="server URL with credentials (default: embedded, consumer)")
         p.add_argument("--state-dir", type=Path, default=Path("/var/lib/tool"))
         p.set_defaults(func=_api_command, endpoint=name)
 

@@ -156,6 +156,9 @@ class PolicyEvent(msgspec.Struct, frozen=True, omit_defaults=True, gc=False, tag
     rules: int = 0
     errors: list[str] = []
     duration_ms: float = 0.0
+    reason: str = ""
+    """Why: ``start``, ``reload`` (SIGHUP, file change, API) or ``cgroup-created`` (the same
+    policy swapped in again because a cgroup its selectors match appeared)."""
     version: int = EVENT_VERSION
 
 

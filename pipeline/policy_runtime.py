@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import threading
 import time
 from collections import ChainMap
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from loaders.sensors import KernelTables, Sensors, TablesError, build_tables
+from loaders.sensors import _resolve_cgroups as _resolve_cgroup_ids
 from pipeline.policy import CompiledPolicy, PolicyError, compile_policy, load_policy
 from pipeline.policy.compiler import KernelRule, RuleInfo, WhoClass
 
@@ -68,6 +70,10 @@ class PolicyRuntime:
         self.generation = 0
         self._history: dict[int, CompiledPolicy] = {}  # generation -> policy with its dynamic rules
         self._mtimes: dict[str, float] = {}
+        # Reloads, re-applies (a new cgroup) and dynamic denies run in worker threads: one swap
+        # at a time, each with the policy then in force (the kernel's inactive slot is shared).
+        self._swap_lock = threading.Lock()
+        self._cgroup_ids: set[int] = set()  # the cgroup ids in the kernel's tables
 
     def _with_dynamic(self, compiled: CompiledPolicy) -> CompiledPolicy:
         if not self.dynamic:
@@ -84,9 +90,7 @@ class PolicyRuntime:
                 classes.append(WhoClass(id=cls_id, exe=[d.exe]))
                 by_exe[d.exe] = cls_id
             rule_id = DYNAMIC_RULE_BASE + i
-            entries.append(
-                KernelRule(rule_id, cls_id, "egress", d.protocol, d.network, d.port, d.port, "deny")
-            )
+            entries.append(KernelRule(rule_id, cls_id, "egress", d.protocol, d.network, d.port, d.port, "deny"))
             rules[rule_id] = RuleInfo(
                 name=f"anomaly-block-{i + 1}",
                 description=d.reason,
@@ -102,6 +106,7 @@ class PolicyRuntime:
         if self.sensors is None:
             return self.generation, None
         tables = build_tables(full, self.cgroup_root)
+        self._cgroup_ids = set(tables.cgroup)
         for what in tables.unresolved:
             log.warning("policy_selector_unresolved", selector=what)
         generation = self.sensors.apply_policy(tables)
@@ -117,13 +122,14 @@ class PolicyRuntime:
         try:
             loaded = load_policy(self.paths)
             compiled = compile_policy(loaded)
-            generation, _ = self._apply(compiled)
+            with self._swap_lock:
+                generation, _ = self._apply(compiled)
+                self.compiled = compiled
+                self.generation = generation
         except PolicyError as exc:
             return self._rejected(started, sources, [str(e) for e in exc.errors])
         except TablesError as exc:
             return self._rejected(started, sources, [str(exc)])
-        self.compiled = compiled
-        self.generation = generation
         self._mtimes = self._snapshot()
         result = LoadResult(
             True,
@@ -147,9 +153,7 @@ class PolicyRuntime:
 
     def _rejected(self, started: float, sources: list[str], errors: list[str]) -> LoadResult:
         log.error("policy_rejected", errors=errors, kept_generation=self.generation)
-        return LoadResult(
-            False, self.generation, 0, sources, errors, [], (time.perf_counter() - started) * 1000
-        )
+        return LoadResult(False, self.generation, 0, sources, errors, [], (time.perf_counter() - started) * 1000)
 
     def add_dynamic_deny(self, deny: DynamicDeny) -> int:
         """Add a deny on top of the policy files and swap it in.
@@ -159,14 +163,15 @@ class PolicyRuntime:
         """
         if any(d.exe == deny.exe and d.network == deny.network and d.port == deny.port for d in self.dynamic):
             return self.generation
-        self.dynamic.append(deny)
-        assert self.compiled is not None
-        try:
-            self.generation, _ = self._apply(self.compiled)
-        except TablesError:
-            self.dynamic.pop()
-            raise
-        return self.generation
+        with self._swap_lock:
+            self.dynamic.append(deny)
+            assert self.compiled is not None
+            try:
+                self.generation, _ = self._apply(self.compiled)
+            except TablesError:
+                self.dynamic.pop()
+                raise
+            return self.generation
 
     def cgroup_patterns(self) -> list[str]:
         """The cgroup selectors (``cgroup``, ``unit``, ``container``) of the policy in force."""
@@ -174,19 +179,26 @@ class PolicyRuntime:
             return []
         return sorted({p for wc in self.compiled.who_classes for p in (wc.cgroup or [])})
 
+    def cgroups_moved(self) -> bool:
+        """Whether the cgroup selectors now resolve to other cgroups than the tables in force hold."""
+        with self._swap_lock:
+            applied = self._cgroup_ids
+        return resolve_cgroups(self.cgroup_patterns(), self.cgroup_root) != applied
+
     def reapply(self, reason: str) -> LoadResult:
         """Swap the policy in force in again, resolving its selectors anew (a cgroup appeared).
 
         The files are not read again. A failure keeps the policy in force (as :meth:`load`).
         """
         started = time.perf_counter()
-        assert self.compiled is not None
-        compiled = self.compiled
-        try:
-            generation, _ = self._apply(compiled)
-        except TablesError as exc:
-            return self._rejected(started, compiled.sources, [str(exc)])
-        self.generation = generation
+        with self._swap_lock:  # the policy in force now, not one a reload is replacing
+            assert self.compiled is not None
+            compiled = self.compiled
+            try:
+                generation, _ = self._apply(compiled)
+            except TablesError as exc:
+                return self._rejected(started, compiled.sources, [str(exc)])
+            self.generation = generation
         result = LoadResult(
             True, generation, len(compiled.rules), compiled.sources, [], [], (time.perf_counter() - started) * 1000
         )
@@ -223,6 +235,11 @@ class PolicyRuntime:
         if info is None:
             return None, None, ""
         return info.name, info.source, info.explanation
+
+
+def resolve_cgroups(patterns: list[str], root: str) -> set[int]:
+    """The ids of the cgroups the selectors match now (as the kernel tables are built)."""
+    return _resolve_cgroup_ids(patterns, root, [])
 
 
 def _mtime(p: Path) -> float:

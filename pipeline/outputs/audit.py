@@ -398,6 +398,10 @@ class AuditSubscriber:
         await confirm_subscriptions(self._nc)
         self._writer.note("STREAM", [("event", "subscribed"), ("subject", self._subject), *self._server()])
 
+    def pending(self) -> int:
+        """Messages delivered to this subscription and not handled yet."""
+        return self._sub.pending_msgs if self._sub is not None else 0
+
     async def stop(self) -> None:
         """Unsubscribe (when still connected) and stop listening."""
         if self._events is not None:

@@ -18,19 +18,19 @@ delivered, writes ``stopped`` and exits.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 import structlog
-
-from pipeline.bus.server import parent_death_prefix
 
 _log = structlog.get_logger(__name__)
 
@@ -55,6 +55,8 @@ class AuditSettings(msgspec.Struct, forbid_unknown_fields=True):
     last_exit: str = ""
     """How the previous writer ended, for the restart line."""
     verbose: bool = False
+    parent_pid: int = 0
+    """The agent: the writer stops when it is gone (parent-death signal, checked at start)."""
 
 
 class AuditProcessError(Exception):
@@ -86,9 +88,9 @@ class AuditProcess:
             AuditProcessError: it exited or did not get ready in time; the message says why
                 (the child's own error is in the agent's log, which the child shares).
         """
-        settings = msgspec.structs.replace(self._settings, restarts=self.restarts)
+        settings = msgspec.structs.replace(self._settings, restarts=self.restarts, parent_pid=os.getpid())
         process = await anyio.open_process(
-            [*parent_death_prefix(), sys.executable, "-m", "pipeline.outputs.audit_process"],
+            [sys.executable, "-m", "pipeline.outputs.audit_process"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=None,  # the agent's stderr: the child logs like the agent
@@ -133,6 +135,8 @@ class AuditProcess:
             if time.monotonic() - started > 60:
                 backoff = 0  # it ran a while: this is a new failure, not a crash loop
             await anyio.sleep(RESTART_BACKOFF_S[min(backoff, len(RESTART_BACKOFF_S) - 1)])
+            if self._stopping:
+                return
             backoff += 1
             self.restarts += 1
             self._settings = msgspec.structs.replace(self._settings, last_exit=exit_text)
@@ -147,12 +151,13 @@ class AuditProcess:
         process = self._process
         if process is None or process.returncode is not None:
             return
-        process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(STOP_TIMEOUT_S):
-            await process.wait()
-            return
-        _log.warning("audit_writer_kill", pid=process.pid, timeout_s=STOP_TIMEOUT_S)
-        await self._kill()
+        with anyio.CancelScope(shield=True):  # also on the agent's error paths
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(STOP_TIMEOUT_S):
+                await process.wait()
+                return
+            _log.warning("audit_writer_kill", pid=process.pid, timeout_s=STOP_TIMEOUT_S)
+            await self._kill()
 
     async def _kill(self) -> None:
         process = self._process
@@ -224,19 +229,52 @@ async def _child(settings: AuditSettings) -> int:
                     break
                 tg.cancel_scope.cancel()
             callbacks.remove_listener(subscriber)  # closing below is not an outage
-            # Everything the server already queued for us arrives before the answer to this
-            # ping; drain() then hands every delivered message to the writer before closing.
-            with anyio.move_on_after(STOP_TIMEOUT_S / 2):
-                try:
-                    await nc.flush(timeout=int(STOP_TIMEOUT_S / 4))
-                except Exception as exc:  # the server is gone: write what we hold
-                    _log.warning("audit_flush_failed", error=repr(exc))
-                await nc.drain()
-            if not nc.is_closed:
-                await nc.close()
+            await _finish(nc, subscriber, writer)
         finally:
             writer.close()
     return 0
+
+
+async def _finish(nc: Any, subscriber: Any, writer: Any) -> None:
+    """Write what was delivered before the stop, say what could not be, and close.
+
+    The agent stops the writer after its last events are confirmed, so they are on their way:
+    a ping's answer comes after them. The server may be gone already (the whole service stopped
+    at once, or the agent was killed): what arrived is still written, and what sits unhandled
+    when the time is up is counted in the log.
+    """
+    with anyio.move_on_after(STOP_TIMEOUT_S / 4):
+        try:
+            await nc.flush(timeout=int(STOP_TIMEOUT_S / 4))
+        except Exception as exc:
+            _log.warning("audit_flush_failed", error=repr(exc))
+    with anyio.move_on_after(STOP_TIMEOUT_S / 2):
+        while subscriber.pending():
+            await anyio.sleep(0.01)
+    left = subscriber.pending()
+    if left:
+        writer.note(
+            "AUDIT",
+            [
+                ("event", "unwritten_at_stop"),
+                ("messages", left),
+                ("msg", "audit: stopped before writing these delivered events"),
+            ],
+        )
+        _log.error("audit_unwritten_at_stop", messages=left)
+    try:
+        await nc.close()
+    except Exception as exc:  # already closed by a failed connection: nothing left to do
+        _log.warning("audit_close_failed", error=repr(exc))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGTERM from the kernel when the agent dies (set here, so no helper binary is needed)."""
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if parent_pid and os.getppid() != parent_pid:  # it died before the signal was set
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> int:
@@ -249,6 +287,7 @@ def main() -> int:
         print(f"audit writer: bad settings on stdin: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.verbose)
+    _die_with_parent(settings.parent_pid)
     return anyio.run(_child, settings)
 
 

@@ -342,7 +342,8 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1  # characters, as elsewhere
         return [], [
             Diagnostic(
                 name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)"

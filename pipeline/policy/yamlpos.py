@@ -439,7 +439,7 @@ def _load_slow(text: str) -> list[tuple[Any, PositionMap]]:
         # PyYAML reports it by offset only.
         raise YamlSyntaxError(
             f"character U+{exc.character:04X} is not allowed in a policy file (YAML and JSON take "
-            "printable text only; write it as an escape such as \\u0001 inside a quoted string)",
+            "printable text only; write it as an escape such as \\u0001 inside a double-quoted string)",
             text_position(text, exc.position),
         ) from None
 

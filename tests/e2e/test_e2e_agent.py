@@ -83,9 +83,7 @@ def _wait_ready(agent: RunningAgent, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if agent.proc.poll() is not None:
-            raise AssertionError(
-                f"agent exited with {agent.proc.returncode}:\n{agent.stderr.read_text()[-4000:]}"
-            )
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{agent.stderr.read_text()[-4000:]}")
         if "agent_running" in agent.stderr.read_text():
             return
         time.sleep(0.1)
@@ -415,9 +413,7 @@ def test_ring_buffer_overrun_is_reported_and_adds_up(tmp_path: Path) -> None:
     """With a tiny ring buffer, what was lost is counted: received + lost == made, exactly."""
     require_kernel()
     config = tmp_path / "config.yaml"
-    config.write_text(
-        "ringbuf_bytes: 4096\nflow_interval_ms: 0\nloss_report_interval_s: 0.5\naudit_log: ''\n"
-    )
+    config.write_text("ringbuf_bytes: 4096\nflow_interval_ms: 0\nloss_report_interval_s: 0.5\naudit_log: ''\n")
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     err = tmp_path / "agent.stderr"
@@ -591,9 +587,7 @@ def test_agent_exports_opentelemetry_to_a_real_otlp_receiver(tmp_path: Path) -> 
             got = receiver.wait_for(arrived, timeout=30)
         finally:
             stop_agent(agent.proc)
-    log = next(
-        attributes(r.attributes) for r in got.logs if attributes(r.attributes).get("network.peer.port") == 9
-    )
+    log = next(attributes(r.attributes) for r in got.logs if attributes(r.attributes).get("network.peer.port") == 9)
     assert log["tool.verdict"] == "would-block" and log["tool.rule.name"] == "no-discard"
     stages = {
         attributes(p.attributes).get("stage")
@@ -607,8 +601,7 @@ def test_prevent_mode_blocks_an_anomalous_destination_by_itself(tmp_path: Path) 
     """With anomaly.action block-destination, a never-seen destination gets a kernel deny and an event."""
     require_kernel()
     config = (
-        "mode: prevent\naudit_log: ''\n"
-        "anomaly: {threshold: 0.9, action: block-destination, warmup_observations: 0}\n"
+        "mode: prevent\naudit_log: ''\nanomaly: {threshold: 0.9, action: block-destination, warmup_observations: 0}\n"
     )
     with cg.scratch_cgroup("tooltest-e2e") as path:
         agent = _start(tmp_path, path, config)
@@ -623,6 +616,7 @@ def test_prevent_mode_blocks_an_anomalous_destination_by_itself(tmp_path: Path) 
             assert enforcement["exe"] == os.path.realpath(sys.executable)
             again = Collector()
             out: list[str] = []
+
             def act() -> None:
                 out.append(agent.run_in_cgroup(CLIENT + "tcp(80)\n"))
 

@@ -231,7 +231,8 @@ def test_a_held_burst_is_written_in_order_at_release_and_never_overfills_a_file(
             writer.write_connection(msgspec.json.encode(connection(seq)))
         current = [ln for ln in audit_lines(path) if " CONN " in ln]
         writer.release()
-        files = sorted(path.parent.glob("audit.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+        # Oldest first: audit.log.N ... audit.log.1, then audit.log.
+        files = sorted(path.parent.glob("audit.log*"), key=lambda p: -int(p.suffix[1:]) if p.suffix != ".log" else 0)
         sizes = [p.stat().st_size for p in files]
         lines = [ln for p in files for ln in audit_lines(p) if " CONN " in ln]
     # Only the lines that had to go out before a rotation were written before release().
@@ -240,10 +241,13 @@ def test_a_held_burst_is_written_in_order_at_release_and_never_overfills_a_file(
     assert len(files) > 3 and max(sizes) <= 4000
 
 
-def test_fsync_writes_each_line_at_once(tmp_path: Path) -> None:
-    """With fsync on, nothing is held: every line is on disk when write returns."""
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_writes_each_line_at_once(tmp_path: Path, fsync: bool) -> None:
+    """With fsync on, nothing is held: every line is on disk when write returns; without, it waits."""
     path = tmp_path / "log" / "audit.log"
-    with AuditWriter(path, fsync=True) as writer:
+    with AuditWriter(path, fsync=fsync) as writer:
         writer.hold()
         writer.write(connection(1))
+        assert any(" seq=1 " in ln for ln in audit_lines(path)) == fsync
+        writer.release()
         assert any(" seq=1 " in ln for ln in audit_lines(path))

@@ -8,17 +8,8 @@ import anyio
 import pytest
 
 from loaders import cgroup as cg
-from pipeline.cgroup_watch import CgroupWatcher, patterns_to_follow
+from pipeline.cgroup_watch import CgroupWatcher
 from tests.kernel_support import require_kernel
-
-
-def test_only_globs_and_missing_paths_are_followed() -> None:
-    """An existing plain path has its id already; a glob or a path still to come may match later."""
-    root = cg.cgroup2_root()
-    assert patterns_to_follow(["/", "**/nginx.service", "/not-there-yet/x"], root) == [
-        "**/nginx.service",
-        "not-there-yet/x",
-    ]
 
 
 @pytest.mark.anyio
@@ -57,3 +48,31 @@ async def test_new_matching_cgroups_are_reported_nested_and_in_bursts() -> None:
                 os.rmdir(d)
     assert f"{rel}/kubepods/pod1/cri-containerd-abc123.scope" in seen
     assert not any(s.endswith(("kubepods", "pod1", "other")) for s in seen)
+
+
+@pytest.mark.anyio
+async def test_a_plain_path_made_again_is_reported() -> None:
+    """systemctl restart makes a unit's cgroup again with a new id: a plain selector follows it."""
+    require_kernel()
+    root = cg.cgroup2_root()
+    with cg.scratch_cgroup("tooltest-watch") as path:
+        rel = os.path.relpath(path, root)
+        unit = os.path.join(path, "web.service")
+        os.mkdir(unit)
+        seen: list[str] = []
+
+        async def on_match(created: list[str]) -> None:
+            seen.extend(created)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(CgroupWatcher(root, [f"{rel}/web.service"], on_match).run)
+                os.rmdir(unit)
+                os.mkdir(unit)
+                with anyio.fail_after(10):
+                    while not seen:
+                        await anyio.sleep(0.02)
+                tg.cancel_scope.cancel()
+        finally:
+            os.rmdir(unit)
+    assert seen == [f"{rel}/web.service"]

@@ -207,3 +207,10 @@ def test_non_utf8_byte_is_reported_at_its_place(tmp_path: Path) -> None:
     path.write_bytes(b"apiVersion: tool/v1\nkind: Pol\xe9cy\n")
     [error] = _errors(path)
     assert error == f"{path}:2:10: byte 0xe9 is not UTF-8 text (policies are UTF-8)"
+
+
+def test_non_utf8_column_counts_characters(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes("kind: Pölicy ".encode() + b"\xff\n")  # 'ö' is two bytes, one character
+    [error] = _errors(path)
+    assert error.startswith(f"{path}:1:14: byte 0xff")
