@@ -25,15 +25,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loaders import cgroup as cg  # noqa: E402
+from loaders import cgroup as cg
 
 PORT = 9
-SENDER = """
+SENDER = f"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(int(sys.argv[1])):
-    s.sendto(b"x", ("127.0.0.1", {port}))
-""".format(port=PORT)
+    s.sendto(b"x", ("127.0.0.1", {PORT}))
+"""
 
 
 def cpu_seconds(pid: int) -> float:
