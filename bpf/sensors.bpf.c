@@ -935,6 +935,22 @@ static __always_inline int may_be_syn(struct __sk_buff *skb)
 	return (*flags & 0x12) == 0x02;
 }
 
+/* Copy packet bytes: in place when they are in the linear data (no helper call), else with bpf_skb_load_bytes. */
+static __always_inline int skb_copy(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= 64) {
+		__u8 *p = (__u8 *)data + off;
+		if ((void *)(p + len) <= end) {
+			__builtin_memcpy(dst, p, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, dst, len);
+}
+
 SEC("cgroup_skb/ingress")
 int tool_ingress(struct __sk_buff *skb)
 {
@@ -958,11 +974,11 @@ int tool_ingress(struct __sk_buff *skb)
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ih;
-		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)))
+		if (skb_copy(skb, 0, &ih, sizeof(ih)))
 			return 1;
 		if (ih.protocol != IPPROTO_TCP)
 			return 1;
-		if (bpf_skb_load_bytes(skb, ih.ihl * 4, &th, sizeof(th)))
+		if (skb_copy(skb, ih.ihl * 4, &th, sizeof(th)))
 			return 1;
 		if (!th.syn || th.ack)
 			return 1;
@@ -972,11 +988,11 @@ int tool_ingress(struct __sk_buff *skb)
 		flags |= TOOL_F_V4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ih;
-		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)))
+		if (skb_copy(skb, 0, &ih, sizeof(ih)))
 			return 1;
 		if (ih.nexthdr != IPPROTO_TCP)
 			return 1;
-		if (bpf_skb_load_bytes(skb, sizeof(ih), &th, sizeof(th)))
+		if (skb_copy(skb, sizeof(ih), &th, sizeof(th)))
 			return 1;
 		if (!th.syn || th.ack)
 			return 1;
