@@ -45,6 +45,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Load-time knobs, set by user space before load. */
 const volatile __u64 scope_cgroup_id = 0; /* tracepoints act only below this cgroup (0: whole host) */
 const volatile __u32 scope_cgroup_level = 0;
+/* Helpers newer than the agent's 5.8 floor, used only where user space found that this kernel
+ * lets every program that reaches them call them (loaders/sensors.py, _fast_path_knobs): */
+const volatile __u32 have_task_btf = 0;     /* bpf_get_current_task_btf (5.11): the flow key's process */
+const volatile __u32 have_coarse_clock = 0; /* bpf_ktime_get_coarse_ns (5.11): the fold window */
 
 /* BTF anchors: ring-buffer records are written through bpf_ringbuf_reserve()
  * pointers, which leave no type in the object's BTF. These unused read-only
@@ -285,16 +289,23 @@ struct subject {
  * Performance (docs/performance.md): every lookup of a large map costs here
  * (about 300 ns for the task map's, against 100 ns for the task's own field).
  */
+static __always_inline void subject_task(struct subject *s);
+
 static __always_inline void subject_current(struct subject *s)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct task_struct *t = bpf_get_current_task_btf();
 
 	s->task.pid = (__u32)pid_tgid;
 	s->task.tgid = pid_tgid >> 32;
-	s->instance = t->group_leader->start_time;
 	s->complete = 0;
 	s->has_task = 0;
+	if (have_task_btf) {
+		struct task_struct *t = bpf_get_current_task_btf();
+		s->instance = t->group_leader->start_time;
+	} else {
+		subject_task(s); /* an older kernel: the task map's exec_id (0 if unknown) */
+		s->instance = s->task.exec_id;
+	}
 }
 
 /* The task map's entry of a process-context subject. */
@@ -632,10 +643,10 @@ static __always_inline void flow_insert(struct flow *f, struct decision *d, __u6
  * the task map knew the process, and a folded decision counts that miss again
  * (as every decision did when each one read the task map).
  *
- * The window is measured on the coarse monotonic clock (tick resolution,
- * 4 ms at HZ=250): on this hardware bpf_ktime_get_boot_ns() costs about
- * 200 ns inside connect(), the coarse clock a few (docs/performance.md).
- * Events keep their boot-time timestamp.
+ * The window is measured on the coarse monotonic clock where the kernel
+ * allows it (tick resolution, 4 ms at HZ=250), which reads no clock source:
+ * a folded repeat then reads no clock at all. Events keep their boot-time
+ * timestamp.
  */
 #define FOLD_COARSE 0
 #define FOLD_BOOT 1 /* tracepoints may not read the coarse clock: their flows carry a key of their own */
@@ -644,7 +655,8 @@ static __always_inline long flow_fold(struct flow *f, struct decision *d, struct
 	struct tool_flow_value *v = f->v;
 	__u64 window = (__u64)config_get(TOOL_CFG_FLOW_INTERVAL_MS) * 1000000ULL;
 	__u32 decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff);
-	__u64 now = !window ? 0 : clock == FOLD_BOOT ? bpf_ktime_get_boot_ns() : bpf_ktime_get_coarse_ns();
+	__u64 now = !window ? 0 : clock == FOLD_BOOT || !have_coarse_clock ? bpf_ktime_get_boot_ns()
+									    : bpf_ktime_get_coarse_ns();
 
 	if (v && window && now - v->last_emit_ns < window && v->decision == decision &&
 	    v->generation == d->generation) {
