@@ -45,6 +45,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Load-time knobs, set by user space before load. */
 const volatile __u64 scope_cgroup_id = 0; /* tracepoints act only below this cgroup (0: whole host) */
 const volatile __u32 scope_cgroup_level = 0;
+/* Helpers newer than the agent's 5.8 floor, used only where user space found that this kernel
+ * lets every program that reaches them call them (loaders/sensors.py, _fast_path_knobs): */
+const volatile __u32 have_task_btf = 0;     /* bpf_get_current_task_btf (5.11): the flow key's process */
+const volatile __u32 have_coarse_clock = 0; /* bpf_ktime_get_coarse_ns (5.11): the fold window */
 
 /* BTF anchors: ring-buffer records are written through bpf_ringbuf_reserve()
  * pointers, which leave no type in the object's BTF. These unused read-only
@@ -267,18 +271,26 @@ static __always_inline int in_scope(void)
 struct subject {
 	struct tool_task task;
 	__u64 exe_ino;
+	__u64 instance; /* which process this is, for the flow key: tells a recycled pid apart */
 	__u32 exe_dev;
-	__u16 has_exe;
-	__u16 complete; /* uid, gid, cgroup_id and comm are filled (always, outside process context) */
+	__u8 has_exe;
+	__u8 complete;  /* uid, gid, cgroup_id and comm are filled (always, outside process context) */
+	__u8 has_task;  /* the task map was read (always, outside process context) */
+	__u8 task_miss; /* ... and did not know the process */
 };
 
 /*
  * Fill the subject from the current task (process context): only what every
- * decision needs (the pid, and the task map's entry for the flow key). The
- * rest (uid, gid, cgroup, comm) is read by subject_complete() when a who-class
- * conditions on it or an event is written: a folded repeat never pays for it.
- * Performance (docs/performance.md): every helper call costs here.
+ * decision needs, the pid and the process instance of the flow key (the
+ * leader's start time, read from the task itself). The task map's entry
+ * (ppid, executable, exec_id for events) is read by subject_task() and the
+ * rest (uid, gid, cgroup, comm) by subject_complete(), when a who-class
+ * conditions on it or an event is written: a folded repeat never pays for them.
+ * Performance (docs/performance.md): every lookup of a large map costs here
+ * (about 300 ns for the task map's, against 100 ns for the task's own field).
  */
+static __always_inline void subject_task(struct subject *s);
+
 static __always_inline void subject_current(struct subject *s)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -286,7 +298,22 @@ static __always_inline void subject_current(struct subject *s)
 	s->task.pid = (__u32)pid_tgid;
 	s->task.tgid = pid_tgid >> 32;
 	s->complete = 0;
+	s->has_task = 0;
+	if (have_task_btf) {
+		struct task_struct *t = bpf_get_current_task_btf();
+		s->instance = t->group_leader->start_time;
+	} else {
+		subject_task(s); /* an older kernel: the task map's exec_id (0 if unknown) */
+		s->instance = s->task.exec_id;
+	}
+}
 
+/* The task map's entry of a process-context subject. */
+static __always_inline void subject_task(struct subject *s)
+{
+	if (s->has_task)
+		return;
+	s->has_task = 1;
 	__u32 tgid = s->task.tgid;
 	struct tool_task_info *ti = bpf_map_lookup_elem(&tasks, &tgid);
 	if (ti) {
@@ -296,6 +323,7 @@ static __always_inline void subject_current(struct subject *s)
 		s->exe_dev = ti->exe_dev;
 		s->has_exe = 1;
 	} else {
+		s->task_miss = 1;
 		count(TOOL_CNT_TASK_MISS);
 	}
 }
@@ -335,6 +363,7 @@ static __always_inline __u64 who_mask(__u32 slot, struct tool_slot_cfg *cfg, str
 		subject_complete(s);
 
 	if (used & (1 << TOOL_DIM_EXE)) {
+		subject_task(s);
 		struct tool_exe_key k = { .slot = slot, .dev = s->exe_dev, .ino = s->exe_ino };
 		mask &= s->has_exe ? dim_mask(&who_exe, &k, cfg->wildcard[TOOL_DIM_EXE])
 				   : cfg->wildcard[TOOL_DIM_EXE];
@@ -476,7 +505,7 @@ static __always_inline void flow_init(struct flow *f, struct subject *s, __u8 di
 	f->key.protocol = protocol;
 	f->key.port = port;
 	__builtin_memcpy(f->key.addr, addr, 16);
-	f->key.exec_id = s->task.exec_id;
+	f->key.exec_id = s->instance;
 	f->v = NULL;
 	f->walk = 0;
 }
@@ -490,6 +519,7 @@ static __always_inline void flow_init(struct flow *f, struct subject *s, __u8 di
 static __always_inline void flow_subject(struct flow *f, __u32 used, struct subject *s, struct __sk_buff *skb)
 {
 	if (used & (1 << TOOL_DIM_EXE)) {
+		subject_task(s);
 		f->key.exe_ino = s->exe_ino;
 		f->key.exe_dev = s->exe_dev;
 	}
@@ -593,12 +623,13 @@ static __always_inline int decide(struct decision *d, struct subject *s, struct 
 }
 
 /* Create the flow's entry if it has none (keeping a walk result for the next decision). */
-static __always_inline void flow_insert(struct flow *f, struct decision *d, __u64 last_emit_ns)
+static __always_inline void flow_insert(struct flow *f, struct decision *d, __u64 last_emit_ns, __u32 flags)
 {
 	struct tool_flow_value nv = {
 		.last_emit_ns = last_emit_ns,
 		.decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff),
 		.generation = d->generation,
+		.flags = flags,
 		.walk = f->walk,
 	};
 	bpf_map_update_elem(&flows, &f->key, &nv, BPF_ANY);
@@ -607,20 +638,36 @@ static __always_inline void flow_insert(struct flow *f, struct decision *d, __u6
 /*
  * Fold repeats (f->v looked up by decide, or by the caller): returns the
  * number of folded decisions to report with a new event, or -1 when this
- * decision is folded into the flow's counter.
+ * decision is folded into the flow's counter. An event is coming otherwise,
+ * so the subject's task map entry is read here; the entry remembers whether
+ * the task map knew the process, and a folded decision counts that miss again
+ * (as every decision did when each one read the task map).
+ *
+ * The window is measured on the coarse monotonic clock where the kernel
+ * allows it (tick resolution, 4 ms at HZ=250), which reads no clock source:
+ * a folded repeat then reads no clock at all. Events keep their boot-time
+ * timestamp.
  */
-static __always_inline long flow_fold(struct flow *f, struct decision *d, __u64 now)
+#define FOLD_COARSE 0
+#define FOLD_BOOT 1 /* tracepoints may not read the coarse clock: their flows carry a key of their own */
+static __always_inline long flow_fold(struct flow *f, struct decision *d, struct subject *s, int clock)
 {
 	struct tool_flow_value *v = f->v;
 	__u64 window = (__u64)config_get(TOOL_CFG_FLOW_INTERVAL_MS) * 1000000ULL;
 	__u32 decision = ((__u32)d->verdict << 24) | (d->rule_id & 0xffffff);
+	__u64 now = !window ? 0 : clock == FOLD_BOOT || !have_coarse_clock ? bpf_ktime_get_boot_ns()
+									    : bpf_ktime_get_coarse_ns();
 
 	if (v && window && now - v->last_emit_ns < window && v->decision == decision &&
 	    v->generation == d->generation) {
 		__sync_fetch_and_add(&v->repeat, 1);
 		count(TOOL_CNT_FOLDED);
+		if (v->flags & TOOL_FLOW_F_TASK_MISS)
+			count(TOOL_CNT_TASK_MISS);
 		return -1;
 	}
+	subject_task(s);
+	__u32 flags = s->task_miss ? TOOL_FLOW_F_TASK_MISS : 0;
 	long repeat = 0;
 	if (v) {
 		repeat = v->repeat;
@@ -628,8 +675,9 @@ static __always_inline long flow_fold(struct flow *f, struct decision *d, __u64 
 		v->last_emit_ns = now;
 		v->decision = decision;
 		v->generation = d->generation;
+		v->flags = flags;
 	} else {
-		flow_insert(f, d, now);
+		flow_insert(f, d, now, flags);
 	}
 	return repeat;
 }
@@ -637,8 +685,9 @@ static __always_inline long flow_fold(struct flow *f, struct decision *d, __u64 
 static __always_inline void emit_conn(__u16 kind, struct subject *s, struct decision *d, __u32 flags,
 				      __u16 family, __u8 protocol, __u8 sock_type, __u8 direction,
 				      const __u8 local[16], __u16 lport, const __u8 remote[16], __u16 rport,
-				      __u64 netns_cookie, __u64 sock_cookie, __u32 repeat, __u64 now)
+				      __u64 netns_cookie, __u64 sock_cookie, __u32 repeat)
 {
+	subject_task(s);
 	subject_complete(s);
 	__u64 seq = next_seq();
 	struct tool_conn_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -646,7 +695,7 @@ static __always_inline void emit_conn(__u16 kind, struct subject *s, struct deci
 		count(TOOL_CNT_RB_FULL);
 		return;
 	}
-	fill_header(&e->hdr, kind, sizeof(*e), seq, now);
+	fill_header(&e->hdr, kind, sizeof(*e), seq, bpf_ktime_get_boot_ns());
 	e->hdr.flags = flags | (d->unknown ? TOOL_F_UNKNOWN : 0);
 	e->task = s->task;
 	e->netns_cookie = netns_cookie;
@@ -706,15 +755,14 @@ static __always_inline int on_sock_addr(struct bpf_sock_addr *ctx, __u16 kind, _
 	flow_init(&f, &s, direction, proto, remote, port);
 	decide(&d, &s, &f, direction, NULL, 0);
 
-	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&f, &d, now);
+	long repeat = flow_fold(&f, &d, &s, FOLD_COARSE);
 	if (repeat >= 0) {
 		if (direction == TOOL_DIR_LISTEN)
 			emit_conn(kind, &s, &d, flags, ctx->user_family, proto, ctx->type, direction, remote, port,
-				  local, 0, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat, now);
+				  local, 0, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat);
 		else
 			emit_conn(kind, &s, &d, flags, ctx->user_family, proto, ctx->type, direction, local, 0,
-				  remote, port, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat, now);
+				  remote, port, bpf_get_netns_cookie(ctx), bpf_get_socket_cookie(ctx), repeat);
 	}
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
@@ -760,6 +808,7 @@ static __always_inline int on_post_bind(struct bpf_sock *sk)
 {
 	struct subject s = {};
 	subject_current(&s);
+	subject_task(&s);
 	subject_complete(&s);
 
 	struct tool_listener l = { .task = s.task, .exe_ino = s.exe_ino, .exe_dev = s.exe_dev };
@@ -805,11 +854,10 @@ int tool_sock_create(struct bpf_sock *sk)
 	subject_current(&s);
 	flow_init(&f, &s, TOOL_DIR_RAW, 0, none, proto);
 	decide(&d, &s, &f, TOOL_DIR_RAW, NULL, 0);
-	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&f, &d, now);
+	long repeat = flow_fold(&f, &d, &s, FOLD_COARSE);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, 0, sk->family, (__u8)proto, SOCK_RAW, TOOL_DIR_RAW, none, 0,
-			  none, proto, bpf_get_netns_cookie(sk), bpf_get_socket_cookie(sk), repeat, now);
+			  none, proto, bpf_get_netns_cookie(sk), bpf_get_socket_cookie(sk), repeat);
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
 
@@ -840,16 +888,16 @@ int tool_packet_socket(struct sys_enter_socket_args *args)
 
 	subject_current(&s);
 	flow_init(&f, &s, TOOL_DIR_RAW, 0, none, proto);
+	f.key.clock = FOLD_BOOT;
 	decide(&d, &s, &f, TOOL_DIR_RAW, NULL, 0);
 	if (d.verdict == TOOL_VERDICT_BLOCK) {
 		bpf_send_signal(SIGKILL);
 		flags |= TOOL_F_KILLED;
 	}
-	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&f, &d, now);
+	long repeat = flow_fold(&f, &d, &s, FOLD_BOOT);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_SOCKET, &s, &d, flags, AF_PACKET, 0, (__u8)(args->type & 0xf), TOOL_DIR_RAW,
-			  none, 0, none, proto, 0, 0, repeat, now);
+			  none, 0, none, proto, 0, 0, repeat);
 	return 0;
 }
 
@@ -869,6 +917,7 @@ static __always_inline int listener_subject(struct subject *s, __u64 sock_cookie
 	if (!l)
 		return 0;
 	s->task = l->task;
+	s->instance = l->task.exec_id;
 	s->exe_ino = l->exe_ino;
 	s->exe_dev = l->exe_dev;
 	s->has_exe = l->exe_ino != 0;
@@ -898,6 +947,22 @@ static __always_inline int may_be_syn(struct __sk_buff *skb)
 	return (*flags & 0x12) == 0x02;
 }
 
+/* Copy packet bytes: in place when they are in the linear data (no helper call), else with bpf_skb_load_bytes. */
+static __always_inline int skb_copy(struct __sk_buff *skb, __u32 off, void *dst, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= 64) {
+		__u8 *p = (__u8 *)data + off;
+		if ((void *)(p + len) <= end) {
+			__builtin_memcpy(dst, p, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, dst, len);
+}
+
 SEC("cgroup_skb/ingress")
 int tool_ingress(struct __sk_buff *skb)
 {
@@ -921,11 +986,11 @@ int tool_ingress(struct __sk_buff *skb)
 
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ih;
-		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)))
+		if (skb_copy(skb, 0, &ih, sizeof(ih)))
 			return 1;
 		if (ih.protocol != IPPROTO_TCP)
 			return 1;
-		if (bpf_skb_load_bytes(skb, ih.ihl * 4, &th, sizeof(th)))
+		if (skb_copy(skb, ih.ihl * 4, &th, sizeof(th)))
 			return 1;
 		if (!th.syn || th.ack)
 			return 1;
@@ -935,11 +1000,11 @@ int tool_ingress(struct __sk_buff *skb)
 		flags |= TOOL_F_V4;
 	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr ih;
-		if (bpf_skb_load_bytes(skb, 0, &ih, sizeof(ih)))
+		if (skb_copy(skb, 0, &ih, sizeof(ih)))
 			return 1;
 		if (ih.nexthdr != IPPROTO_TCP)
 			return 1;
-		if (bpf_skb_load_bytes(skb, sizeof(ih), &th, sizeof(th)))
+		if (skb_copy(skb, sizeof(ih), &th, sizeof(th)))
 			return 1;
 		if (!th.syn || th.ack)
 			return 1;
@@ -952,7 +1017,7 @@ int tool_ingress(struct __sk_buff *skb)
 	rport = bpf_ntohs(th.source);
 	lport = bpf_ntohs(th.dest);
 
-	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
+	struct subject s = { .complete = 1, .has_task = 1 }; /* softirq: nothing to read from the current task */
 	struct decision d = {};
 	struct flow f = {};
 	__u64 netns = bpf_get_netns_cookie(skb);
@@ -983,14 +1048,13 @@ int tool_ingress(struct __sk_buff *skb)
 	}
 	if (d.verdict == TOOL_VERDICT_ALLOW) {
 		if (!f.v && f.walk)
-			flow_insert(&f, &d, 0); /* keep the walk for sockops and the next SYN */
+			flow_insert(&f, &d, 0, 0); /* keep the walk for sockops and the next SYN */
 		return 1;
 	}
-	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&f, &d, now);
+	long repeat = flow_fold(&f, &d, &s, FOLD_COARSE);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_INBOUND, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
-			  lport, remote, rport, netns, 0, repeat, now);
+			  lport, remote, rport, netns, 0, repeat);
 	return d.verdict == TOOL_VERDICT_BLOCK ? 0 : 1;
 }
 
@@ -1024,7 +1088,7 @@ int tool_sockops(struct bpf_sock_ops *ops)
 	__u16 lport = (__u16)ops->local_port;
 	__u16 rport = (__u16)bpf_ntohl(ops->remote_port); /* be16 in the upper half */
 
-	struct subject s = { .complete = 1 }; /* softirq: nothing to read from the current task */
+	struct subject s = { .complete = 1, .has_task = 1 }; /* softirq: nothing to read from the current task */
 	struct decision d = {};
 	struct flow f = {};
 	__u64 netns = bpf_get_netns_cookie(ops);
@@ -1059,11 +1123,10 @@ int tool_sockops(struct bpf_sock_ops *ops)
 			f.v = bpf_map_lookup_elem(&flows, &f.key);
 	}
 
-	__u64 now = bpf_ktime_get_boot_ns();
-	long repeat = flow_fold(&f, &d, now);
+	long repeat = flow_fold(&f, &d, &s, FOLD_COARSE);
 	if (repeat >= 0)
 		emit_conn(TOOL_EV_ACCEPT, &s, &d, flags, family, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_INGRESS, local,
-			  lport, remote, rport, netns, bpf_get_socket_cookie(ops), repeat, now);
+			  lport, remote, rport, netns, bpf_get_socket_cookie(ops), repeat);
 	return 1;
 }
 
@@ -1188,12 +1251,13 @@ static long bench_emit(__u32 i, void *unused)
 	__u8 remote[16], local[16] = {};
 
 	s.complete = 1;
+	s.has_task = 1;
 	s.task.pid = bench_tgid;
 	s.task.tgid = bench_tgid;
 	__builtin_memcpy(s.task.comm, "bench", 6);
 	v4_mapped(remote, bpf_htonl(0x0a000000 | (i & 0xffff)));
 	emit_conn(TOOL_EV_CONNECT, &s, &d, TOOL_F_V4, AF_INET, IPPROTO_TCP, SOCK_STREAM, TOOL_DIR_EGRESS, local, 0,
-		  remote, 443, 0, 0, 0, bpf_ktime_get_boot_ns());
+		  remote, 443, 0, 0, 0);
 	return 0;
 }
 

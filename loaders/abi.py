@@ -197,7 +197,7 @@ FLOW_KEY = Layout(
         ("exe_dev", "I"),
         ("uid", "I"),
         ("gid", "I"),
-        ("_pad0", "I"),
+        ("clock", "I"),
         ("cgroup_id", "Q"),
         ("comm", "16s"),
     ),
@@ -209,7 +209,7 @@ FLOW_VALUE = Layout(
         ("repeat", "I"),
         ("decision", "I"),
         ("generation", "I"),
-        ("_pad0", "I"),
+        ("flags", "I"),
         ("walk", "Q"),
     ),
 )

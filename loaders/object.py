@@ -217,6 +217,14 @@ class BpfObject:
             raise ValueError(f"{name} is {size} bytes, got {len(value)}")
         self.set_rodata_bytes(offset, value)
 
+    def has_rodata(self, name: str) -> bool:
+        """Whether the object has a ``const volatile`` global called ``name``."""
+        try:
+            self._rodata_variable(name)
+        except errors.NotFound:
+            return False
+        return True
+
     def set_rodata_bytes(self, offset: int, data: bytes) -> None:
         """Overwrite ``.rodata`` bytes at ``offset`` before load.
 

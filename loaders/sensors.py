@@ -27,6 +27,7 @@ import structlog
 
 from loaders import abi, bpffs, errors
 from loaders import cgroup as cg
+from loaders._ffi import ffi, lib
 from loaders.links import Link
 from loaders.object import BpfObject
 
@@ -378,6 +379,35 @@ def _key_network(key: int) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network((key & _ADDRESS, (key >> 184) - abi.LPM_KEY_BITS))
 
 
+# Program types and helper ids (uapi/linux/bpf.h) of the fast path's optional helpers.
+_PROG_TRACEPOINT, _PROG_CGROUP_SKB, _PROG_CGROUP_SOCK, _PROG_SOCK_OPS, _PROG_CGROUP_SOCK_ADDR = 5, 8, 9, 13, 18
+_FUNC_GET_CURRENT_TASK_BTF, _FUNC_KTIME_GET_COARSE_NS = 158, 160
+# knob in sensors.bpf.c -> (helper, the program types of every program that can reach it)
+_FAST_PATH_KNOBS = {
+    "have_task_btf": (
+        _FUNC_GET_CURRENT_TASK_BTF,
+        (_PROG_CGROUP_SOCK_ADDR, _PROG_CGROUP_SOCK, _PROG_TRACEPOINT),
+    ),
+    "have_coarse_clock": (
+        _FUNC_KTIME_GET_COARSE_NS,
+        (_PROG_CGROUP_SOCK_ADDR, _PROG_CGROUP_SOCK, _PROG_CGROUP_SKB, _PROG_SOCK_OPS),
+    ),
+}
+
+
+def _fast_path_knobs() -> dict[str, bool]:
+    """Which of the fast path's newer helpers (5.11) this kernel lets each program that uses them call.
+
+    Returns:
+        Knob name in sensors.bpf.c -> whether to enable it. Without them the programs fall back to
+        the task map and the boot clock, as on the agent's 5.8 floor.
+    """
+    out = {}
+    for knob, (helper, prog_types) in _FAST_PATH_KNOBS.items():
+        out[knob] = all(lib().libbpf_probe_bpf_helper(t, helper, ffi.NULL) == 1 for t in prog_types)
+    return out
+
+
 def _rejected_program(libbpf_log: str) -> str | None:
     """Name of the program the verifier refused, from libbpf's log."""
     for line in reversed(libbpf_log.splitlines()):
@@ -609,6 +639,7 @@ class Sensors:
         if not tracefs_ok or not os.path.exists("/sys/kernel/tracing/events/syscalls/sys_enter_socket"):
             missing["tool_packet_socket"] = "no tracefs syscall tracepoints: AF_PACKET sockets are not seen"
         scoped = (path != os.path.realpath(root)) if scope_tracepoints is None else scope_tracepoints
+        knobs = _fast_path_knobs()
         # An older kernel may refuse an optional program (a helper it lacks): load again
         # without it and say what is lost, rather than refusing to start.
         for _attempt in range(len(CGROUP_PROGRAMS) + len(TRACE_PROGRAMS)):
@@ -622,6 +653,9 @@ class Sensors:
                     obj.set_rodata("scope_cgroup_level", _U32.pack(level))
                 for name in missing:
                     obj.program(name).set_autoload(False)
+                for knob, enabled in knobs.items():
+                    if enabled and obj.has_rodata(knob):  # an older build (--object) may lack a knob
+                        obj.set_rodata(knob, _U32.pack(1))
                 if bench_tgid:
                     obj.set_rodata("bench_tgid", _U32.pack(bench_tgid))
                     obj.set_rodata("bench_burst", _U32.pack(bench_burst))

@@ -238,25 +238,28 @@ struct tool_flow_key {
 	__u8 protocol;
 	__u16 port;
 	__u8 addr[16];
-	__u64 exec_id;
+	__u64 exec_id;       /* process context: the leader's task start_time; inbound: the listener's exec_id */
 	__u64 exe_ino;       /* subject values: only of dimensions in dims_used, else 0 */
 	__u32 exe_dev;
 	__u32 uid;
 	__u32 gid;
-	__u32 _pad0;
+	__u32 clock;         /* 1: last_emit_ns is on the boot clock (tracepoints), 0: the coarse clock */
 	__u64 cgroup_id;     /* process context: the task's cgroup; inbound: the socket's */
 	char comm[TOOL_COMM_LEN];
 };
 struct tool_flow_value {
-	__u64 last_emit_ns;
+	__u64 last_emit_ns;  /* at the flow's last event (0: none yet): bpf_ktime_get_coarse_ns(), or
+			      * bpf_ktime_get_boot_ns() when the key's clock says so */
 	__u32 repeat;
 	__u32 decision;      /* verdict << 24 | rule_id & 0xffffff: a change forces an event */
 	__u32 generation;
-	__u32 _pad0;
+	__u32 flags;         /* TOOL_FLOW_F_* */
 	__u64 walk;          /* cached walk: generation << 32 | action << 24 | rule_id (< 2^24); 0 = none.
 			      * Mode-independent (the verdict is derived at every decision); written
 			      * and read as one 64-bit word, so it is never torn. */
 };
+
+#define TOOL_FLOW_F_TASK_MISS (1u << 0) /* the task map did not know the process at the last event */
 
 /* Listener owners, for attributing inbound packets (softirq, no current task). */
 struct tool_listener_key {

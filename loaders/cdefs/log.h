@@ -9,4 +9,5 @@ const char *libbpf_version_string(void);
 int libbpf_num_possible_cpus(void);
 int libbpf_probe_bpf_map_type(int map_type, const void *opts);
 int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);
+int libbpf_probe_bpf_helper(int prog_type, int helper_id, const void *opts);
 int vsnprintf(char *str, size_t size, const char *fmt, va_list ap);  /* from libc */

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +19,7 @@ from tests.kernel.kernel_harness import NOBODY, PYTHON, REAL_PYTHON, Harness, Su
 pytestmark = pytest.mark.kernel
 
 PORT = 40031
+U32 = struct.Struct("<I")
 
 # One long-lived process: reads one JSON operation per line, prints one result per line. The flow key
 # holds the process (tgid, exec_id), so every decision of this child can find the walk cached by the
@@ -262,3 +265,59 @@ def test_cached_walk_follows_an_exec_within_the_process(h: Harness) -> None:
         timeout=30,
     )  # fmt: skip
     assert out.stdout.split() == ["ok", "refused"], out.stderr
+
+
+def test_folded_decisions_of_a_process_the_task_map_lacks_count_as_task_misses(
+    h: Harness, child: Stepper
+) -> None:
+    """The task map is read only for events: folded decisions still count a miss each, from the flow's entry."""
+    h.apply([rule("allow")])
+    assert h.sensors.maps["tasks"].delete(U32.pack(child.proc.pid))
+    before = h.sensors.counters()
+    assert [child("connect", PORT) for _ in range(4)] == ["ok"] * 4
+    after = h.sensors.counters()
+    assert after["task_miss"] - before["task_miss"] == 4
+    assert after["folded"] - before["folded"] == 3
+    (r,) = h.conns(child.proc.pid, abi.EV_CONNECT)
+    assert (r.task.exec_id, r.task.ppid, r.repeat) == (0, 0, 0)
+
+
+@pytest.fixture
+def short_window(h: Harness) -> Iterator[float]:
+    """The flow window set to 300 ms for one test (seconds returned), then restored."""
+    cfg = h.sensors.maps["config"]
+    key = U32.pack(abi.CFG_FLOW_INTERVAL_MS)
+    saved = cfg.lookup(key)
+    assert saved is not None
+    cfg.update(key, U32.pack(300))
+    try:
+        yield 0.3
+    finally:
+        cfg.update(key, saved)
+
+
+def test_repeats_within_the_window_fold_and_the_next_event_reports_them(
+    h: Harness, child: Stepper, short_window: float
+) -> None:
+    """The fold window (coarse clock): repeats inside it make no event; the first decision after it reports them."""
+    h.apply([rule("allow")])
+    assert [child("connect", PORT) for _ in range(3)] == ["ok"] * 3
+    assert [r.repeat for r in h.conns(child.proc.pid, abi.EV_CONNECT)] == [0]
+    time.sleep(short_window + 0.1)  # the behaviour under test is the passing of time
+    assert child("connect", PORT) == "ok"
+    assert [r.repeat for r in h.conns(child.proc.pid, abi.EV_CONNECT)] == [2]
+
+
+def test_packet_sockets_fold_on_their_own_clock(h: Harness) -> None:
+    """The packet-socket tracepoint cannot read the coarse clock: its flows still fold, on the boot clock."""
+    if "tool_packet_socket" in h.sensors.missing:
+        pytest.fail(f"packet socket sensor missing: {h.sensors.missing['tool_packet_socket']}")
+    h.apply([{"name": "no-raw", "action": "deny", "direction": "raw"}])
+    h.sensors.set_mode("detect")
+    op = ("socket", socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    before = h.sensors.counters()
+    result = h.run([op, op, op])
+    assert (result.returncode, result.results) == (0, ["ok"] * 3)
+    (r,) = h.conns(result.pid, abi.EV_SOCKET)
+    assert r.flags & abi.F_PACKET and r.verdict == abi.VERDICT_WOULD_BLOCK
+    assert h.sensors.counters()["folded"] - before["folded"] == 2
