@@ -7,14 +7,14 @@ with one ``struct`` call, and keys everything that repeats on the raw bytes the 
 
 * the 56 bytes of the task (pid, tgid, ppid, uid, gid, exec id, cgroup id, comm) name the
   process's :class:`Identity`: its enriched ``Process`` and ``Cgroup`` and their JSON;
-* the header and the enum bytes (kind, flags, family, protocol, direction, verdict, mode,
-  action) name the event's fixed text fields and its NATS subject;
-* (rule id, policy generation) names the rule reference.
+* the enum bytes with the rule id and policy generation name the rule reference;
+* those, the header and the addresses and ports name a :class:`Flow`: the event's members
+  from ``host`` to ``remote``, its NATS subject and what the anomaly baseline learns.
 
-Each of those is encoded once, as :class:`msgspec.Raw` JSON, and an event is a small
-:class:`_WireConnection` whose encoding is byte for byte what ``msgspec.json.encode`` gives for
-the typed :class:`pipeline.events.ConnectionEvent` (the typed path stays the reference: the
-tests compare the two on random records).
+Each of those is encoded once, and an event is one ``%`` format of those pieces and its few
+numbers (:data:`CONNECTION_JSON`), then its ``PUB`` command: byte for byte what
+``msgspec.json.encode`` gives for the typed :class:`pipeline.events.ConnectionEvent` (the typed
+path stays the reference: the tests compare the two on random records).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from pipeline import decode as dec
 from pipeline.events import Cgroup, Process, RuleRef
 
 # The fields of struct tool_conn_event the pipeline uses, in one unpack (sock_cookie skipped).
-CONN = struct.Struct("<8sQQII56sQ8x8sII16s16sHHI")
+# What only names a cache entry stays in a few byte strings: fewer objects per record, and each
+# cache key is one or two of them.
+CONN = struct.Struct("<8sQQII56sQ8x16s36sI")
 assert CONN.size == abi.CONN_RECORD.size
 # Indices into a CONN tuple.
 HEAD = 0  # kind u16, size u16, flags u32: the header fields that class an event
@@ -41,17 +43,13 @@ CPU = 3
 ABI = 4
 TASK = 5  # struct tool_task, raw
 NETNS = 6
-ENUMS = 7  # family u16, protocol, direction, verdict, mode, action, sock_type
-RULE_ID = 8
-POLICY_GEN = 9
-LOCAL_ADDR = 10
-REMOTE_ADDR = 11
-LOCAL_PORT = 12
-REMOTE_PORT = 13
-REPEAT = 14
+RULE = 7  # the enums (family u16, protocol, direction, verdict, mode, action, sock_type), rule id, policy generation
+WHERE = 8  # local address, remote address, local port, remote port
+REPEAT = 9
 
 _TASK = struct.Struct("<IIIIIIQQ16s")
-_ENUMS = struct.Struct("<HBBBBBB")
+_RULE = struct.Struct("<HBBBBBBII")
+_WHERE = struct.Struct("<16s16sHH")
 _HEAD = struct.Struct("<HHI")
 _RING_HEADER = struct.Struct("<I4xH")  # length with busy/discard bits, page offset, the record's kind
 _LEN_MASK = ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT) & 0xFFFFFFFF
@@ -183,92 +181,124 @@ def task_of(raw: bytes) -> dec.Task:
 def conn_record(f: ConnTuple) -> dec.ConnRecord:
     """The reference decoder's record for a CONN tuple (for the slow paths and the tests)."""
     kind, _size, flags = _HEAD.unpack(f[HEAD])
-    family, protocol, direction, verdict, mode, action, sock_type = _ENUMS.unpack(f[ENUMS])
+    family, protocol, direction, verdict, mode, action, sock_type, rule_id, policy_gen = _RULE.unpack(f[RULE])
+    local_addr, remote_addr, local_port, remote_port = _WHERE.unpack(f[WHERE])
     return dec.ConnRecord(
         kind, flags, f[TS_NS], f[SEQ], f[CPU], task_of(f[TASK]), f[NETNS], 0,
-        family, protocol, direction, verdict, mode, action, sock_type, f[RULE_ID], f[POLICY_GEN],
-        dec.addr_text(f[LOCAL_ADDR]), dec.addr_text(f[REMOTE_ADDR]), f[LOCAL_PORT], f[REMOTE_PORT], f[REPEAT],
+        family, protocol, direction, verdict, mode, action, sock_type, rule_id, policy_gen,
+        dec.addr_text(local_addr), dec.addr_text(remote_addr), local_port, remote_port, f[REPEAT],
     )  # fmt: skip
+
+
+def rule_of(f: ConnTuple) -> tuple[int, int]:
+    """A CONN tuple's (rule id, policy generation): 0 when the mode's default decided."""
+    *_enums, rule_id, policy_gen = _RULE.unpack(f[RULE])
+    return rule_id, policy_gen
 
 
 class Identity:
     """Who sent an event: the enriched process and cgroup, and their JSON for the wire."""
 
-    __slots__ = ("cgroup", "exe_key", "process", "raw", "tgid")
+    __slots__ = ("cgroup", "exe_key", "json", "process", "tgid")
 
     def __init__(self, process: Process, cgroup: Cgroup, encode: Callable[[Any], bytes]) -> None:
         self.process = process
         self.cgroup = cgroup
         self.tgid = process.pid
         self.exe_key = process.exe or f"comm:{process.comm}"  # what the baseline learns under
-        # The "process" value, then the "cgroup" member: the two are adjacent in every event.
-        self.raw = msgspec.Raw(encode(process) + b',"cgroup":' + encode(cgroup))
+        # The "process" and "cgroup" members: the two are adjacent in every event.
+        self.json = b',"process":' + encode(process) + b',"cgroup":' + encode(cgroup)
 
 
 class RuleEntry:
     """A rule reference and its JSON."""
 
-    __slots__ = ("raw", "ref")
+    __slots__ = ("json", "ref")
 
     def __init__(self, ref: RuleRef, encode: Callable[[Any], bytes]) -> None:
         self.ref = ref
-        self.raw = msgspec.Raw(encode(ref))
-
-
-class WireConnection(
-    msgspec.Struct, omit_defaults=True, gc=False, tag="connection", tag_field="type"
-):  # fmt: skip
-    """What :class:`pipeline.events.ConnectionEvent` encodes to, with the repeating parts pre-encoded.
-
-    ``host`` carries the fixed members from ``host`` to ``known`` (one Raw may hold several
-    members: it is copied verbatim after ``"host":``); ``process`` carries ``process`` and
-    ``cgroup``. The field order and defaults are ConnectionEvent's.
-    """
-
-    id: str
-    time_ns: int
-    host: msgspec.Raw
-    rule: msgspec.Raw
-    local: msgspec.Raw
-    remote: msgspec.Raw
-    process: msgspec.Raw
-    netns_cookie: int = 0
-    repeat: int = 0
-    anomaly: msgspec.Raw | None = None
-    cpu: int = 0
-    seq: int = 0
+        self.json = encode(ref)
 
 
 class Flow:
-    """What events of one (header, enums, addresses, ports) combination share, encoded."""
+    """What events of one (header, rule bytes, addresses and ports) combination share, encoded.
 
-    __slots__ = ("destination", "head", "local", "remote", "subject")
+    ``json`` holds the members from ``"host"`` to ``"remote"`` (ConnectionEvent's order);
+    ``pub`` starts the event's NATS PUB command: ``PUB <subject> ``.
+    """
 
-    def __init__(self, head: msgspec.Raw, subject: bytes, local: msgspec.Raw, remote: msgspec.Raw, destination: str):
-        self.head = head  # the members from "host" to "known"
+    __slots__ = ("destination", "json", "pub", "subject")
+
+    def __init__(self, json: bytes, subject: bytes, destination: str) -> None:
+        self.json = json
         self.subject = subject
-        self.local = local
-        self.remote = remote
+        self.pub = b"PUB " + subject + b" "
         self.destination = destination  # what the anomaly baseline learns
 
 
 class Encoded:
-    """Events encoded for NATS, in order: subject, JSON payload and event id of each."""
+    """Events encoded for NATS, in order, each already a complete ``PUB`` command.
 
-    __slots__ = ("ids", "payloads", "subjects")
+    The publisher (:mod:`pipeline.bus.publish`) sends the commands of a batch as one write; it
+    takes them apart again (:meth:`events`) only on its rare paths (an event over the server's
+    payload limit, message-id headers).
+    """
+
+    __slots__ = ("frames", "payload_bytes")
 
     def __init__(self) -> None:
-        self.subjects: list[bytes] = []
-        self.payloads: list[bytes] = []
-        self.ids: list[str] = []
+        self.frames: list[bytes] = []  # b"PUB <subject> <size>\r\n<payload>\r\n" each
+        self.payload_bytes = 0
 
-    def add(self, subject: bytes, payload: bytes, event_id: str) -> None:
-        self.subjects.append(subject)
-        self.payloads.append(payload)
-        self.ids.append(event_id)
+    def add(self, subject: bytes, payload: bytes) -> None:
+        """Append one event published on ``subject``."""
+        self.frames.append(b"PUB %s %d\r\n%s\r\n" % (subject, len(payload), payload))
+        self.payload_bytes += len(payload)
+
+    def extend(self, other: Encoded) -> None:
+        """Append every event of ``other``, in order."""
+        self.frames += other.frames
+        self.payload_bytes += other.payload_bytes
+
+    def events(self) -> list[tuple[bytes, bytes]]:
+        """(subject, payload) of each event, in order."""
+        out = []
+        for frame in self.frames:
+            command, _, rest = frame.partition(b"\r\n")
+            _pub, subject, size = command.split(b" ")
+            out.append((subject, rest[: int(size)]))
+        return out
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.frames)
+
+
+class _EventId(msgspec.Struct):
+    id: str
+
+
+def event_id(payload: bytes) -> str:
+    """The ``id`` member of an encoded event (for the publisher's rare paths)."""
+    return msgspec.json.decode(payload, type=_EventId).id
+
+
+# A connection event's JSON, ConnectionEvent's members in order, for the common cases: no
+# folded repeats and a sequence number above 0, with a network namespace (CONNECTION_JSON) or
+# without (CONNECTION_JSON_NO_NETNS). The arguments: id prefix, seq, time_ns, the Flow's
+# members, the Identity's members, [netns_cookie,] the anomaly, the "cpu" member if not 0 and
+# the start of "seq" (CpuText.tail), seq. EventEncoder.payload is the general form.
+CONNECTION_JSON = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"netns_cookie":%d,"anomaly":%s%s%d}'
+CONNECTION_JSON_NO_NETNS = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"anomaly":%s%s%d}'
+
+
+class CpuText:
+    """The parts of an event that depend on its CPU: the id prefix, and the "cpu" member."""
+
+    __slots__ = ("prefix", "tail")
+
+    def __init__(self, prefix: bytes, cpu: int) -> None:
+        self.prefix = prefix  # "<instance>-<cpu>-", escaped for JSON
+        self.tail = b',"cpu":%d,"seq":' % cpu if cpu else b',"seq":'  # ConnectionEvent omits a 0
 
 
 class EventEncoder:
@@ -288,19 +318,20 @@ class EventEncoder:
         self.boot_offset_ns = boot_offset_ns
         self.encode = msgspec.json.Encoder().encode
         self._subject_prefix = f"{SUBJECT_ROOT}.{host_token(host)}.connection."
-        self.flows: dict[tuple[Any, ...], Flow] = {}
-        self._heads: dict[tuple[bytes, bytes], tuple[msgspec.Raw, bytes]] = {}
-        self._endpoints: dict[tuple[Any, ...], msgspec.Raw] = {}
-        self.id_prefixes: dict[int, str] = {}
+        self.flows: dict[tuple[bytes, bytes, bytes], Flow] = {}
+        self._heads: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        self._endpoints: dict[tuple[str, int], bytes] = {}
+        self.cpus: dict[int, CpuText] = {}
 
-    def flow(self, key: tuple[Any, ...]) -> Flow:
-        """The Flow of ``key`` = CONN fields (HEAD, ENUMS, REMOTE_ADDR, REMOTE_PORT, LOCAL_ADDR,
-        LOCAL_PORT) (cache miss)."""
-        head, enums, remote_addr, remote_port, local_addr, local_port = key
+    def flow(self, key: tuple[bytes, bytes, bytes], rule: RuleEntry) -> Flow:
+        """The Flow of ``key`` = CONN fields (HEAD, RULE, WHERE), decided by ``rule`` (cache miss)."""
+        head, rule_bytes, where = key
         _kind, _size, flags = _HEAD.unpack(head)
-        _family, protocol, direction, _verdict, _mode, _action, _sock_type = _ENUMS.unpack(enums)
+        enums = rule_bytes[:8]
+        _family, protocol, direction, *_ = _RULE.unpack(rule_bytes)
+        local_addr, remote_addr, local_port, remote_port = _WHERE.unpack(where)
         v4 = bool(flags & abi.F_V4)
-        members, subject = self._heads.get((head, enums)) or self._head(head, enums)
+        members, subject = self._heads.get((head, enums)) or self._head(head, rule_bytes)
         proto = dec.PROTOCOL_NAMES.get(protocol, str(protocol))
         remote, local = dec.addr_text(remote_addr), dec.addr_text(local_addr)
         if direction == abi.DIR_EGRESS:
@@ -313,21 +344,20 @@ class EventEncoder:
             destination = f"raw socket protocol {remote_port}"
         if v4 and local == "::":  # an IPv4 socket's unspecified address
             local = "0.0.0.0"
-        flow = Flow(
-            members,
-            subject,
-            self._endpoint(local, local_port),
-            self._endpoint(remote, remote_port),
-            destination,
-        )
+        json = b"".join((
+            members, b',"rule":', rule.json,
+            b',"local":', self._endpoint(local, local_port), b',"remote":', self._endpoint(remote, remote_port),
+        ))  # fmt: skip
+        flow = Flow(json, subject, destination)
         if len(self.flows) > 16384:
             self.flows.clear()
         self.flows[key] = flow
         return flow
 
-    def _head(self, head: bytes, enums: bytes) -> tuple[msgspec.Raw, bytes]:
+    def _head(self, head: bytes, rule_bytes: bytes) -> tuple[bytes, bytes]:
+        """The members from "host" to "known", and the subject, of a (header, enums) combination."""
         kind, _size, flags = _HEAD.unpack(head)
-        _family, protocol, direction, verdict, mode, _action, _sock_type = _ENUMS.unpack(enums)
+        _family, protocol, direction, verdict, mode, *_ = _RULE.unpack(rule_bytes)
         v4 = bool(flags & abi.F_V4)
         direction_name = dec.DIRECTION_NAMES.get(direction, "egress")
         verdict_name = dec.VERDICT_NAMES.get(verdict, "allowed")
@@ -342,27 +372,43 @@ class EventEncoder:
             "mode": dec.MODE_NAMES.get(mode, "detect"),
             "known": not flags & abi.F_UNKNOWN,
         })  # fmt: skip
-        value = (
-            msgspec.Raw(members[len(b'{"host":') : -1]),
-            f"{self._subject_prefix}{direction_name}.{verdict_name}".encode(),
-        )
+        value = (members[1:-1], f"{self._subject_prefix}{direction_name}.{verdict_name}".encode())
         if len(self._heads) > 4096:
             self._heads.clear()
-        self._heads[(head, enums)] = value
+        self._heads[(head, rule_bytes[:8])] = value
         return value
 
-    def _endpoint(self, address: str, port: int) -> msgspec.Raw:
+    def _endpoint(self, address: str, port: int) -> bytes:
         key = (address, port)
         raw = self._endpoints.get(key)
         if raw is None:
-            raw = msgspec.Raw(self.encode({"address": address, "port": port}))
+            raw = self.encode({"address": address, "port": port})
             if len(self._endpoints) > 16384:
                 self._endpoints.clear()
             self._endpoints[key] = raw
         return raw
 
-    def id_prefix(self, cpu: int) -> str:
-        prefix = self.id_prefixes.get(cpu)
-        if prefix is None:
-            prefix = self.id_prefixes[cpu] = f"{self.instance}-{cpu}-"
-        return prefix
+    def cpu(self, cpu: int) -> CpuText:
+        """The CpuText of ``cpu`` (cache miss)."""
+        text = self.cpus[cpu] = CpuText(self.encode(f"{self.instance}-{cpu}-")[1:-1], cpu)
+        return text
+
+    def payload(
+        self, seq: int, time_ns: int, flow: Flow, ident: Identity, netns: int, repeat: int, anomaly: bytes, cpu: int
+    ) -> bytes:
+        """Any connection event's JSON: members with default values left out, as msgspec does
+        for ConnectionEvent (the general form of :data:`CONNECTION_JSON`)."""
+        text = self.cpus.get(cpu) or self.cpu(cpu)
+        start = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s'
+        parts = [start % (text.prefix, seq, time_ns, flow.json, ident.json)]
+        if netns:
+            parts.append(b',"netns_cookie":%d' % netns)
+        if repeat:
+            parts.append(b',"repeat":%d' % repeat)
+        parts.append(b',"anomaly":%s' % anomaly)
+        if cpu:
+            parts.append(b',"cpu":%d' % cpu)
+        if seq:
+            parts.append(b',"seq":%d' % seq)
+        parts.append(b"}")
+        return b"".join(parts)

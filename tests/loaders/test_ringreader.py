@@ -77,7 +77,7 @@ def test_every_record_read_once_across_many_wraps() -> None:
     by_cpu: dict[int, list[int]] = defaultdict(list)
     for r in mine:
         by_cpu[r[hot.CPU]].append(r[hot.SEQ])
-        assert r[hot.REMOTE_PORT] == 443 and r[hot.ABI] == abi.ABI_VERSION
+        assert hot.conn_record(r).remote_port == 443 and r[hot.ABI] == abi.ABI_VERSION
     for seqs in by_cpu.values():
         assert seqs == sorted(set(seqs))  # each record once, in order per CPU
 

@@ -139,8 +139,10 @@ def test_hot_path_bytes_equal_the_typed_events(records: list[dict[str, Any]]) ->
     raws = [pack(r, 1000 + i) for i, r in enumerate(records)]
     got = anyio.run(hot_path, raws, Baseline(None, warmup_observations=3))
     want = reference(raws, Baseline(None, warmup_observations=3))
-    assert list(zip(got.subjects, got.payloads, got.ids, strict=True)) == want
-    for payload in got.payloads:  # consumers decode it as the published type, and nothing is lost
+    assert [(subject, payload, hot.event_id(payload)) for subject, payload in got.events()] == want
+    assert got.frames == [b"PUB %s %d\r\n%s\r\n" % (s, len(p), p) for s, p, _ in want]
+    assert got.payload_bytes == sum(len(p) for _, p, _ in want)
+    for _, payload in got.events():  # consumers decode it as the published type, and nothing is lost
         assert msgspec.json.encode(msgspec.json.decode(payload, type=ConnectionEvent)) == payload
 
 
