@@ -237,40 +237,49 @@ class Flow:
 
 
 class Encoded:
-    """Events encoded for NATS, in order, each already a complete ``PUB`` command.
+    """Events encoded for NATS, in order, as the ``PUB`` commands that publish them.
 
-    The publisher (:mod:`pipeline.bus.publish`) sends the commands of a batch as one write; it
-    takes them apart again (:meth:`events`) only on its rare paths (an event over the server's
-    payload limit, message-id headers).
+    ``pieces`` joined are the commands, back to back: the publisher (:mod:`pipeline.bus.publish`)
+    sends a batch as one write, and takes it apart again (:meth:`events`) only on its rare
+    paths (an event over the server's payload limit, message-id headers). A command may span
+    several pieces, none of which is longer than the payload it carries plus its command line.
     """
 
-    __slots__ = ("frames", "payload_bytes")
+    __slots__ = ("count", "payload_bytes", "pieces")
 
     def __init__(self) -> None:
-        self.frames: list[bytes] = []  # b"PUB <subject> <size>\r\n<payload>\r\n" each
+        self.pieces: list[bytes] = []
+        self.count = 0
         self.payload_bytes = 0
 
     def add(self, subject: bytes, payload: bytes) -> None:
         """Append one event published on ``subject``."""
-        self.frames.append(b"PUB %s %d\r\n%s\r\n" % (subject, len(payload), payload))
+        self.pieces += (b"PUB %s %d\r\n" % (subject, len(payload)), payload, b"\r\n")
+        self.count += 1
         self.payload_bytes += len(payload)
 
     def extend(self, other: Encoded) -> None:
         """Append every event of ``other``, in order."""
-        self.frames += other.frames
+        self.pieces += other.pieces
+        self.count += other.count
         self.payload_bytes += other.payload_bytes
 
     def events(self) -> list[tuple[bytes, bytes]]:
         """(subject, payload) of each event, in order."""
+        data = b"".join(self.pieces)
         out = []
-        for frame in self.frames:
-            command, _, rest = frame.partition(b"\r\n")
-            _pub, subject, size = command.split(b" ")
-            out.append((subject, rest[: int(size)]))
+        pos = 0
+        while pos < len(data):
+            eol = data.index(b"\r\n", pos)
+            _pub, subject, size = data[pos:eol].split(b" ")
+            start = eol + 2
+            end = start + int(size)
+            out.append((subject, data[start:end]))
+            pos = end + 2
         return out
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return self.count
 
 
 class _EventId(msgspec.Struct):
@@ -287,8 +296,9 @@ def event_id(payload: bytes) -> str:
 # without (CONNECTION_JSON_NO_NETNS). The arguments: id prefix, seq, time_ns, the Flow's
 # members, the Identity's members, [netns_cookie,] the anomaly, the "cpu" member if not 0 and
 # the start of "seq" (CpuText.tail), seq. EventEncoder.payload is the general form.
-CONNECTION_JSON = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"netns_cookie":%d,"anomaly":%s%s%d}'
-CONNECTION_JSON_NO_NETNS = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"anomaly":%s%s%d}'
+# Each ends with the CRLF that ends its PUB command (not part of the payload).
+CONNECTION_JSON = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"netns_cookie":%d,"anomaly":%s%s%d}\r\n'
+CONNECTION_JSON_NO_NETNS = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s,"anomaly":%s%s%d}\r\n'
 
 
 class CpuText:
@@ -322,6 +332,7 @@ class EventEncoder:
         self._heads: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
         self._endpoints: dict[tuple[str, int], bytes] = {}
         self.cpus: dict[int, CpuText] = {}
+        self.size_lines: dict[int, bytes] = {}  # the end of a PUB command line: b"<size>\\r\\n"
 
     def flow(self, key: tuple[bytes, bytes, bytes], rule: RuleEntry) -> Flow:
         """The Flow of ``key`` = CONN fields (HEAD, RULE, WHERE), decided by ``rule`` (cache miss)."""
@@ -393,11 +404,20 @@ class EventEncoder:
         text = self.cpus[cpu] = CpuText(self.encode(f"{self.instance}-{cpu}-")[1:-1], cpu)
         return text
 
+    def size_line(self, size: int) -> bytes:
+        """The end of the PUB command line of a ``size``-byte payload (cache miss): event sizes
+        repeat, and a dict hit costs less than formatting the number."""
+        line = b"%d\r\n" % size
+        if len(self.size_lines) > 4096:
+            self.size_lines.clear()
+        self.size_lines[size] = line
+        return line
+
     def payload(
         self, seq: int, time_ns: int, flow: Flow, ident: Identity, netns: int, repeat: int, anomaly: bytes, cpu: int
     ) -> bytes:
-        """Any connection event's JSON: members with default values left out, as msgspec does
-        for ConnectionEvent (the general form of :data:`CONNECTION_JSON`)."""
+        """Any connection event's JSON and the CRLF after it: members with default values left
+        out, as msgspec does for ConnectionEvent (the general form of :data:`CONNECTION_JSON`)."""
         text = self.cpus.get(cpu) or self.cpu(cpu)
         start = b'{"type":"connection","id":"%s%d","time_ns":%d,%s%s'
         parts = [start % (text.prefix, seq, time_ns, flow.json, ident.json)]
@@ -410,5 +430,5 @@ class EventEncoder:
             parts.append(b',"cpu":%d' % cpu)
         if seq:
             parts.append(b',"seq":%d' % seq)
-        parts.append(b"}")
+        parts.append(b"}\r\n")
         return b"".join(parts)

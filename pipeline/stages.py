@@ -571,7 +571,7 @@ async def score_stage(
     """
     observe = baseline.observe_json
     encode = encoder.encode
-    flows, cpus = encoder.flows, encoder.cpus
+    flows, cpus, size_lines = encoder.flows, encoder.cpus, encoder.size_lines
     offset = encoder.boot_offset_ns
     template, template_no_netns = hot.CONNECTION_JSON, hot.CONNECTION_JSON_NO_NETNS
     # Field indices as locals (the loop body runs once per event).
@@ -582,36 +582,36 @@ async def score_stage(
             t0 = time.perf_counter()
             now = time.time()  # one wall-clock reading per batch for the baseline
             out = hot.Encoded()
-            frames = out.frames
-            append = frames.append
-            size = procs = 0
+            extend = out.pieces.extend
+            size = conns = 0
             for rec, ident, rule in zip(batch.records, batch.idents, batch.rules, strict=True):
                 if type(rec) is not tuple:
                     event = builder.process(ident)
                     out.add(subject_for(event).encode(), encode(event))
-                    procs += 1
+                    stats.process_events += 1
                     continue
                 key = (rec[i_head], rec[i_rule], rec[i_where])
                 flow = flows.get(key) or encoder.flow(key, rule)  # type: ignore[arg-type]
                 anomaly = observe(ident.exe_key, flow.destination, now)
                 cpu, seq, netns, repeat = rec[i_cpu], rec[i_seq], rec[i_netns], rec[i_repeat]
                 text = cpus.get(cpu) or encoder.cpu(cpu)
-                # The common cases in one format each (hot.CONNECTION_JSON).
+                # The payload and the CRLF after it; the common cases in one format each.
                 if seq and not repeat and netns:
                     payload = template % (
                         text.prefix, seq, rec[i_ts] + offset, flow.json, ident.json, netns, anomaly, text.tail, seq
-                    )
+                    )  # fmt: skip
                 elif seq and not repeat:
                     payload = template_no_netns % (
                         text.prefix, seq, rec[i_ts] + offset, flow.json, ident.json, anomaly, text.tail, seq
-                    )
+                    )  # fmt: skip
                 else:
                     payload = encoder.payload(seq, rec[i_ts] + offset, flow, ident, netns, repeat, anomaly, cpu)
-                n = len(payload)
-                append(b"%s%d\r\n%s\r\n" % (flow.pub, n, payload))
+                n = len(payload) - 2
+                extend((flow.pub, size_lines.get(n) or encoder.size_line(n), payload))  # "PUB <subject> <n>\r\n..."
                 size += n
+                conns += 1
+            out.count += conns
             out.payload_bytes += size
-            stats.process_events += procs
-            stats.connection_events += len(frames) - procs
+            stats.connection_events += conns
             stats.timed("score", time.perf_counter() - t0)
             await send.send(out)

@@ -187,13 +187,13 @@ class Publisher:
         """The batch as NATS protocol: one PUB (or HPUB with a message id) per event.
 
         The events come as PUB commands already; they are sent as they are unless a message id
-        header is wanted, or one of them may be over the server's max payload (its whole command
-        is; the exact test is then made on each payload).
+        header is wanted, or one of them may be over the server's max payload (one of the pieces
+        that make the commands is; the exact test is then made on each payload).
         """
-        frames = batch.frames
+        pieces = batch.pieces
         max_payload = self._nc.max_payload or math.inf
-        if not self._msg_id_header and (not frames or max(map(len, frames)) <= max_payload):
-            return _Frames(b"".join(frames), len(frames), batch.payload_bytes)
+        if not self._msg_id_header and (not pieces or max(map(len, pieces)) <= max_payload):
+            return _Frames(b"".join(pieces), batch.count, batch.payload_bytes)
         return self._frame_each(batch, max_payload)
 
     def _frame_each(self, batch: Encoded, max_payload: float) -> _Frames:
