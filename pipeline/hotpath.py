@@ -8,7 +8,7 @@ with one ``struct`` call, and keys everything that repeats on the raw bytes the 
 * the 56 bytes of the task (pid, tgid, ppid, uid, gid, exec id, cgroup id, comm) name the
   process's :class:`Identity`: its enriched ``Process`` and ``Cgroup`` and their JSON;
 * the enum bytes with the rule id and policy generation name the rule reference;
-* those, the header and the addresses and ports name a :class:`Flow`: the event's members
+* those, the kind and flags, and the addresses and ports name a :class:`Flow`: the event's members
   from ``host`` to ``remote``, its NATS subject and what the anomaly baseline learns.
 
 Each of those is encoded once, and an event is one ``%`` format of those pieces and its few
@@ -26,32 +26,35 @@ from typing import Any
 import msgspec
 
 from loaders import abi
-from loaders.ringbuf import RINGBUF_BUSY_BIT, RINGBUF_DISCARD_BIT, RingReader
+from loaders.ringbuf import RINGBUF_BUSY_BIT, RINGBUF_DISCARD_BIT, RINGBUF_HDR_SZ, RingReader
 from pipeline import decode as dec
 from pipeline.events import Cgroup, Process, RuleRef
 
-# The fields of struct tool_conn_event the pipeline uses, in one unpack (sock_cookie skipped).
-# What only names a cache entry stays in a few byte strings: fewer objects per record, and each
-# cache key is one or two of them.
-CONN = struct.Struct("<8sQQII56sQ8x16s36sI")
-assert CONN.size == abi.CONN_RECORD.size
+# A connection record as it sits in the ring: the ring's record header (its length word; the
+# page offset skipped), then the fields of struct tool_conn_event the pipeline uses
+# (sock_cookie skipped), in one unpack. What only keys a cache stays in a few byte strings:
+# fewer objects per record, and each cache key is a few of them.
+CONN = struct.Struct("<I4xHxxIQQII56sQ8x16s36sI")
+CONN_SIZE = CONN.size - RINGBUF_HDR_SZ  # the record's own size
+assert CONN_SIZE == abi.CONN_RECORD.size and CONN.size % 8 == 0
 # Indices into a CONN tuple.
-HEAD = 0  # kind u16, size u16, flags u32: the header fields that class an event
-TS_NS = 1
-SEQ = 2
-CPU = 3
-ABI = 4
-TASK = 5  # struct tool_task, raw
-NETNS = 6
-RULE = 7  # the enums (family u16, protocol, direction, verdict, mode, action, sock_type), rule id, policy generation
-WHERE = 8  # local address, remote address, local port, remote port
-REPEAT = 9
+LENGTH = 0  # the ring header's length word: CONN_SIZE for a complete, kept connection record
+KIND = 1
+FLAGS = 2
+TS_NS = 3
+SEQ = 4
+CPU = 5
+ABI = 6
+TASK = 7  # struct tool_task, raw
+NETNS = 8
+RULE = 9  # the enums (family u16, protocol, direction, verdict, mode, action, sock_type), rule id, policy generation
+WHERE = 10  # local address, remote address, local port, remote port
+REPEAT = 11
+_RING_LENGTH = struct.Struct("<I4x")
 
 _TASK = struct.Struct("<IIIIIIQQ16s")
 _RULE = struct.Struct("<HBBBBBBII")
 _WHERE = struct.Struct("<16s16sHH")
-_HEAD = struct.Struct("<HHI")
-_RING_HEADER = struct.Struct("<I4xH")  # length with busy/discard bits, page offset, the record's kind
 _LEN_MASK = ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT) & 0xFFFFFFFF
 
 ConnTuple = tuple[Any, ...]
@@ -71,13 +74,22 @@ class DecodeErrors:
             self._log("decode_error", error=error, size=size)
 
 
+def conn_tuple(raw: bytes) -> ConnTuple:
+    """The CONN tuple of a connection record copied out of the ring (``raw``: the record alone)."""
+    return CONN.unpack(_RING_LENGTH.pack(len(raw)) + raw)
+
+
 def drain(
     reader: RingReader, see_gap: Callable[[int, int], None], expected: dict[int, int],
     opened: dict[int, Any], errors: DecodeErrors, limit: int,
 ) -> list[Record]:  # fmt: skip
-    """Decode up to ``limit`` records waiting in the ring, then give their space back.
+    """Decode up to about ``limit`` records waiting in the ring, then give their space back.
 
-    Connection records become CONN tuples; process records go through the reference decoder.
+    Connection records, nearly all of the traffic, are read in runs: one ``iter_unpack`` over
+    as many records as the ring holds, each taken while its ring header says it is a complete
+    connection record (the header comes first in the tuple, so nothing after a record still
+    being written is used). Anything else (a process record, a discarded or unfinished one, one
+    that does not match the ABI) ends the run and goes through :func:`_other_record`.
     Per-CPU sequence numbers are checked inline while they arrive in order (``expected`` and
     ``opened`` are the gap tracker's); anything else goes to ``see_gap``.
 
@@ -86,37 +98,41 @@ def drain(
     consumer, producer = reader.window()
     data = reader.data
     mask = reader.mask
-    header = _RING_HEADER.unpack_from
-    unpack = CONN.unpack_from
-    conn_size = CONN.size
+    length_of = _RING_LENGTH.unpack_from
+    runs = CONN.iter_unpack
+    span = CONN.size
     first_conn, last_conn = abi.EV_CONNECT, abi.EV_SOCKET
     version = abi.ABI_VERSION
+    i_length, i_kind, i_abi, i_cpu, i_seq = LENGTH, KIND, ABI, CPU, SEQ
     out: list[Record] = []
     append = out.append
     pos = consumer
-    n = 0
-    while pos < producer and n < limit:
+    while pos < producer and len(out) < limit:
         off = pos & mask
-        length, kind = header(data, off)
-        if length & RINGBUF_BUSY_BIT:
-            break
-        size = length & _LEN_MASK
-        pos += (size + 15) & ~7
-        if length & RINGBUF_DISCARD_BIT:
-            continue
-        n += 1
-        if size == conn_size and first_conn <= kind <= last_conn:
-            f = unpack(data, off + 8)
-            if f[ABI] != version:
-                errors.add(f"record ABI version {f[ABI]}, this agent speaks {version}", size)
-                continue
-            cpu = f[CPU]
-            seq = f[SEQ]
+        before = len(out)
+        for f in runs(data[off : off + span * min((producer - pos) // span, limit - before)]):
+            if f[i_length] != CONN_SIZE or not first_conn <= f[i_kind] <= last_conn or f[i_abi] != version:
+                break
+            cpu = f[i_cpu]
+            seq = f[i_seq]
             if seq == expected.get(cpu) and cpu not in opened:
                 expected[cpu] = seq + 1
             else:
                 see_gap(cpu, seq)
             append(f)
+        else:
+            if len(out) > before:  # the run ended where the data does: read on
+                pos += span * (len(out) - before)
+                continue
+        pos += span * (len(out) - before)
+        # The record at pos is not a complete connection record, or too little is left for one.
+        off = pos & mask
+        (length,) = length_of(data, off)
+        if length & RINGBUF_BUSY_BIT:
+            break
+        size = length & _LEN_MASK
+        pos += (size + 15) & ~7
+        if length & RINGBUF_DISCARD_BIT:
             continue
         rec = _other_record(bytes(data[off + 8 : off + 8 + size]), see_gap, errors)
         if rec is not None:
@@ -130,27 +146,22 @@ def decode_records(
     opened: dict[int, Any], errors: DecodeErrors,
 ) -> list[Record]:  # fmt: skip
     """:func:`drain` for records already copied out of the ring (the libbpf consumer's path)."""
-    unpack = CONN.unpack
-    conn_size = CONN.size
     first_conn, last_conn = abi.EV_CONNECT, abi.EV_SOCKET
     version = abi.ABI_VERSION
     out: list[Record] = []
     append = out.append
     for raw in raws:
-        size = len(raw)
-        if size == conn_size and first_conn <= raw[0] | raw[1] << 8 <= last_conn:
-            f = unpack(raw)
-            if f[ABI] != version:
-                errors.add(f"record ABI version {f[ABI]}, this agent speaks {version}", size)
+        if len(raw) == CONN_SIZE and first_conn <= raw[0] | raw[1] << 8 <= last_conn:
+            f = conn_tuple(raw)
+            if f[ABI] == version:
+                cpu = f[CPU]
+                seq = f[SEQ]
+                if seq == expected.get(cpu) and cpu not in opened:
+                    expected[cpu] = seq + 1
+                else:
+                    see_gap(cpu, seq)
+                append(f)
                 continue
-            cpu = f[CPU]
-            seq = f[SEQ]
-            if seq == expected.get(cpu) and cpu not in opened:
-                expected[cpu] = seq + 1
-            else:
-                see_gap(cpu, seq)
-            append(f)
-            continue
         rec = _other_record(raw, see_gap, errors)
         if rec is not None:
             append(rec)
@@ -166,7 +177,7 @@ def _other_record(raw: bytes, see_gap: Callable[[int, int], None], errors: Decod
         errors.add(str(exc), len(raw))
         return None
     if isinstance(rec, dec.ConnRecord):  # a connection record of an unexpected size
-        errors.add(f"connection record of {len(raw)} bytes, expected {CONN.size}", len(raw))
+        errors.add(f"connection record of {len(raw)} bytes, expected {CONN_SIZE}", len(raw))
         return None
     see_gap(rec.cpu, rec.seq)
     return rec
@@ -180,11 +191,10 @@ def task_of(raw: bytes) -> dec.Task:
 
 def conn_record(f: ConnTuple) -> dec.ConnRecord:
     """The reference decoder's record for a CONN tuple (for the slow paths and the tests)."""
-    kind, _size, flags = _HEAD.unpack(f[HEAD])
     family, protocol, direction, verdict, mode, action, sock_type, rule_id, policy_gen = _RULE.unpack(f[RULE])
     local_addr, remote_addr, local_port, remote_port = _WHERE.unpack(f[WHERE])
     return dec.ConnRecord(
-        kind, flags, f[TS_NS], f[SEQ], f[CPU], task_of(f[TASK]), f[NETNS], 0,
+        f[KIND], f[FLAGS], f[TS_NS], f[SEQ], f[CPU], task_of(f[TASK]), f[NETNS], 0,
         family, protocol, direction, verdict, mode, action, sock_type, rule_id, policy_gen,
         dec.addr_text(local_addr), dec.addr_text(remote_addr), local_port, remote_port, f[REPEAT],
     )  # fmt: skip
@@ -221,7 +231,7 @@ class RuleEntry:
 
 
 class Flow:
-    """What events of one (header, rule bytes, addresses and ports) combination share, encoded.
+    """What events of one (kind, flags, rule bytes, addresses and ports) combination share, encoded.
 
     ``json`` holds the members from ``"host"`` to ``"remote"`` (ConnectionEvent's order);
     ``pub`` starts the event's NATS PUB command: ``PUB <subject> ``.
@@ -328,21 +338,20 @@ class EventEncoder:
         self.boot_offset_ns = boot_offset_ns
         self.encode = msgspec.json.Encoder().encode
         self._subject_prefix = f"{SUBJECT_ROOT}.{host_token(host)}.connection."
-        self.flows: dict[tuple[bytes, bytes, bytes], Flow] = {}
-        self._heads: dict[tuple[bytes, bytes], tuple[bytes, bytes]] = {}
+        self.flows: dict[tuple[int, int, bytes, bytes], Flow] = {}
+        self._heads: dict[tuple[int, int, bytes], tuple[bytes, bytes]] = {}
         self._endpoints: dict[tuple[str, int], bytes] = {}
         self.cpus: dict[int, CpuText] = {}
         self.size_lines: dict[int, bytes] = {}  # the end of a PUB command line: b"<size>\\r\\n"
 
-    def flow(self, key: tuple[bytes, bytes, bytes], rule: RuleEntry) -> Flow:
-        """The Flow of ``key`` = CONN fields (HEAD, RULE, WHERE), decided by ``rule`` (cache miss)."""
-        head, rule_bytes, where = key
-        _kind, _size, flags = _HEAD.unpack(head)
+    def flow(self, key: tuple[int, int, bytes, bytes], rule: RuleEntry) -> Flow:
+        """The Flow of ``key`` = CONN fields (KIND, FLAGS, RULE, WHERE), decided by ``rule`` (cache miss)."""
+        kind, flags, rule_bytes, where = key
         enums = rule_bytes[:8]
         _family, protocol, direction, *_ = _RULE.unpack(rule_bytes)
         local_addr, remote_addr, local_port, remote_port = _WHERE.unpack(where)
         v4 = bool(flags & abi.F_V4)
-        members, subject = self._heads.get((head, enums)) or self._head(head, rule_bytes)
+        members, subject = self._heads.get((kind, flags, enums)) or self._head(kind, flags, rule_bytes)
         proto = dec.PROTOCOL_NAMES.get(protocol, str(protocol))
         remote, local = dec.addr_text(remote_addr), dec.addr_text(local_addr)
         if direction == abi.DIR_EGRESS:
@@ -365,9 +374,8 @@ class EventEncoder:
         self.flows[key] = flow
         return flow
 
-    def _head(self, head: bytes, rule_bytes: bytes) -> tuple[bytes, bytes]:
-        """The members from "host" to "known", and the subject, of a (header, enums) combination."""
-        kind, _size, flags = _HEAD.unpack(head)
+    def _head(self, kind: int, flags: int, rule_bytes: bytes) -> tuple[bytes, bytes]:
+        """The members from "host" to "known", and the subject, of a (kind, flags, enums) combination."""
         _family, protocol, direction, verdict, mode, *_ = _RULE.unpack(rule_bytes)
         v4 = bool(flags & abi.F_V4)
         direction_name = dec.DIRECTION_NAMES.get(direction, "egress")
@@ -386,7 +394,7 @@ class EventEncoder:
         value = (members[1:-1], f"{self._subject_prefix}{direction_name}.{verdict_name}".encode())
         if len(self._heads) > 4096:
             self._heads.clear()
-        self._heads[(head, rule_bytes[:8])] = value
+        self._heads[(kind, flags, rule_bytes[:8])] = value
         return value
 
     def _endpoint(self, address: str, port: int) -> bytes:

@@ -254,7 +254,7 @@ async def ring_stage(
                     await anyio.sleep(GATHER_S)
             # Drain what the ring holds now, bounded by its size: the sensors stay attached
             # until the graph has ended, and a busy host never stops producing.
-            for _ in range(rb_map.max_entries // (hot.CONN.size + 8) // MAX_BATCH + 2):
+            for _ in range(rb_map.max_entries // hot.CONN.size // MAX_BATCH + 2):
                 records = take()
                 if records:
                     await send.send(Batch(records))
@@ -347,15 +347,13 @@ async def enrich_stage(
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            cached = enricher.hot.get
-            idents = batch.idents
-            append = idents.append
-            for rec in batch.records:
-                if type(rec) is tuple:
-                    append(cached(rec[task]) or enricher.identity(rec[task]))
-                else:
-                    append(enricher.process_record(rec))  # type: ignore[arg-type]
-                    cached = enricher.hot.get
+            # In kernel order: a process record updates the table (and the identity cache) before
+            # the records after it are looked up. A comprehension: no append call per record.
+            cached, identity, process_record = enricher.hot.get, enricher.identity, enricher.process_record
+            batch.idents = [
+                (cached(rec[task]) or identity(rec[task])) if type(rec) is tuple else process_record(rec)  # type: ignore[arg-type]
+                for rec in batch.records
+            ]
             stats.timed("enrich", time.perf_counter() - t0)
             await send.send(batch)
 
@@ -399,13 +397,7 @@ async def match_stage(
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            rules = batch.rules
-            append = rules.append
-            for rec in batch.records:
-                if type(rec) is tuple:
-                    append(get(rec[i_rule]) or miss(rec))
-                else:
-                    append(None)
+            batch.rules = [(get(rec[i_rule]) or miss(rec)) if type(rec) is tuple else None for rec in batch.records]
             stats.timed("match", time.perf_counter() - t0)
             await send.send(batch)
 
@@ -575,7 +567,8 @@ async def score_stage(
     offset = encoder.boot_offset_ns
     template, template_no_netns = hot.CONNECTION_JSON, hot.CONNECTION_JSON_NO_NETNS
     # Field indices as locals (the loop body runs once per event).
-    i_head, i_rule, i_where, i_cpu, i_seq, i_ts = hot.HEAD, hot.RULE, hot.WHERE, hot.CPU, hot.SEQ, hot.TS_NS
+    i_kind, i_flags, i_rule, i_where = hot.KIND, hot.FLAGS, hot.RULE, hot.WHERE
+    i_cpu, i_seq, i_ts = hot.CPU, hot.SEQ, hot.TS_NS
     i_netns, i_repeat = hot.NETNS, hot.REPEAT
     async with recv, send:
         async for batch in recv:
@@ -590,7 +583,7 @@ async def score_stage(
                     out.add(subject_for(event).encode(), encode(event))
                     stats.process_events += 1
                     continue
-                key = (rec[i_head], rec[i_rule], rec[i_where])
+                key = (rec[i_kind], rec[i_flags], rec[i_rule], rec[i_where])
                 flow = flows.get(key) or encoder.flow(key, rule)  # type: ignore[arg-type]
                 anomaly = observe(ident.exe_key, flow.destination, now)
                 cpu, seq, netns, repeat = rec[i_cpu], rec[i_seq], rec[i_netns], rec[i_repeat]

@@ -105,7 +105,7 @@ async def hot_path(records: list[bytes], baseline: Baseline) -> hot.Encoded:
             stats,
         )  # fmt: skip
         async with s1:
-            await s1.send(Batch([hot.CONN.unpack(r) for r in records]))
+            await s1.send(Batch([hot.conn_tuple(r) for r in records]))
         async with r4:
             async for item in r4:
                 out.append(item)
@@ -155,7 +155,7 @@ def test_conn_tuple_matches_the_reference_decoder() -> None:
          "local": b"\0" * 10 + b"\xff\xff\x0a\0\0\x01", "remote": bytes(range(16)), "lport": 22, "rport": 40000,
          "repeat": 2, "comm": b"sshd"}, 42,
     )  # fmt: skip
-    assert hot.conn_record(hot.CONN.unpack(raw)) == dec.decode(raw)._replace(sock_cookie=0)
+    assert hot.conn_record(hot.conn_tuple(raw)) == dec.decode(raw)._replace(sock_cookie=0)
 
 
 @settings(max_examples=40, deadline=None)
