@@ -146,9 +146,13 @@ class Publisher:
                     first = await self._events.receive()
                 except anyio.EndOfStream:
                     break
-                # Stages send one event, a list of events, or events already encoded.
-                batch = Encoded()
-                self._add(batch, first)
+                # Stages send one event, a list of events, or events already encoded; an Encoded
+                # sent here is the publisher's from then on, and a batch may start as it is.
+                if isinstance(first, Encoded):
+                    batch = first
+                else:
+                    batch = Encoded()
+                    self._add(batch, first)
                 idle = False
                 while len(batch) < self._max_batch:
                     try:
