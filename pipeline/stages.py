@@ -254,7 +254,7 @@ async def ring_stage(
                     await anyio.sleep(GATHER_S)
             # Drain what the ring holds now, bounded by its size: the sensors stay attached
             # until the graph has ended, and a busy host never stops producing.
-            for _ in range(rb_map.max_entries // (hot.CONN.size + 8) // MAX_BATCH + 2):
+            for _ in range(rb_map.max_entries // hot.CONN.size // MAX_BATCH + 2):
                 records = take()
                 if records:
                     await send.send(Batch(records))
@@ -347,15 +347,13 @@ async def enrich_stage(
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            cached = enricher.hot.get
-            idents = batch.idents
-            append = idents.append
-            for rec in batch.records:
-                if type(rec) is tuple:
-                    append(cached(rec[task]) or enricher.identity(rec[task]))
-                else:
-                    append(enricher.process_record(rec))  # type: ignore[arg-type]
-                    cached = enricher.hot.get
+            # In kernel order: a process record updates the table (and the identity cache) before
+            # the records after it are looked up. A comprehension: no append call per record.
+            cached, identity, process_record = enricher.hot.get, enricher.identity, enricher.process_record
+            batch.idents = [
+                (cached(rec[task]) or identity(rec[task])) if type(rec) is tuple else process_record(rec)  # type: ignore[arg-type]
+                for rec in batch.records
+            ]
             stats.timed("enrich", time.perf_counter() - t0)
             await send.send(batch)
 
@@ -378,36 +376,28 @@ async def match_stage(
 ) -> None:
     """Name the policy entry that decided each connection and explain it in one line."""
     encode = msgspec.json.Encoder().encode
-    # (rule id, generation) -> its reference; the enum bytes -> the default that decided.
-    cache: dict[object, hot.RuleEntry] = {}
-    rule_id, generation, enums = hot.RULE_ID, hot.POLICY_GEN, hot.ENUMS
+    # The record's rule bytes (the enums, rule id and generation) -> its reference. The default
+    # that decided depends only on the enums, a rule only on (id, generation): both are in them.
+    cache: dict[bytes, hot.RuleEntry] = {}
+    i_rule = hot.RULE
 
     def miss(rec: hot.ConnTuple) -> hot.RuleEntry:
-        if rec[rule_id] == 0:
+        rule_id, generation = hot.rule_of(rec)
+        if rule_id == 0:
             ref = RuleRef(id=0, explanation=_default_explanation(hot.conn_record(rec)))
-            key: object = rec[enums]
         else:
-            name, source, explanation = describe(rec[rule_id], rec[generation])
-            ref = RuleRef(id=rec[rule_id], name=name, policy=source, explanation=explanation)
-            key = (rec[rule_id], rec[generation])
+            name, source, explanation = describe(rule_id, generation)
+            ref = RuleRef(id=rule_id, name=name, policy=source, explanation=explanation)
         if len(cache) > 65536:
             cache.clear()
-        entry = cache[key] = hot.RuleEntry(ref, encode)
+        entry = cache[rec[i_rule]] = hot.RuleEntry(ref, encode)
         return entry
 
     get = cache.get
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
-            rules = batch.rules
-            append = rules.append
-            for rec in batch.records:
-                if type(rec) is not tuple:
-                    append(None)
-                elif rec[rule_id]:
-                    append(get((rec[rule_id], rec[generation])) or miss(rec))
-                else:
-                    append(get(rec[enums]) or miss(rec))
+            batch.rules = [(get(rec[i_rule]) or miss(rec)) if type(rec) is tuple else None for rec in batch.records]
             stats.timed("match", time.perf_counter() - t0)
             await send.send(batch)
 
@@ -566,42 +556,55 @@ async def score_stage(
     builder: EventBuilder,
     stats: PipelineStats,
 ) -> None:
-    """Score each connection against its executable's baseline and encode the final events."""
+    """Score each connection against its executable's baseline and encode the final events.
+
+    Connection events are written straight into their NATS ``PUB`` commands from cached pieces
+    (:mod:`pipeline.hotpath`); the publisher sends a batch of them as one write.
+    """
     observe = baseline.observe_json
-    wire = hot.WireConnection
     encode = encoder.encode
-    flows, prefixes = encoder.flows, encoder.id_prefixes
+    flows, cpus, size_lines = encoder.flows, encoder.cpus, encoder.size_lines
     offset = encoder.boot_offset_ns
+    template, template_no_netns = hot.CONNECTION_JSON, hot.CONNECTION_JSON_NO_NETNS
     # Field indices as locals (the loop body runs once per event).
-    i_head, i_enums, i_cpu, i_seq, i_ts = hot.HEAD, hot.ENUMS, hot.CPU, hot.SEQ, hot.TS_NS
+    i_kind, i_flags, i_rule, i_where = hot.KIND, hot.FLAGS, hot.RULE, hot.WHERE
+    i_cpu, i_seq, i_ts = hot.CPU, hot.SEQ, hot.TS_NS
     i_netns, i_repeat = hot.NETNS, hot.REPEAT
-    i_la, i_lp, i_ra, i_rp = hot.LOCAL_ADDR, hot.LOCAL_PORT, hot.REMOTE_ADDR, hot.REMOTE_PORT
     async with recv, send:
         async for batch in recv:
             t0 = time.perf_counter()
             now = time.time()  # one wall-clock reading per batch for the baseline
             out = hot.Encoded()
-            subjects, payloads, ids = out.subjects, out.payloads, out.ids
-            conns = 0
+            extend = out.pieces.extend
+            size = conns = 0
             for rec, ident, rule in zip(batch.records, batch.idents, batch.rules, strict=True):
                 if type(rec) is not tuple:
                     event = builder.process(ident)
-                    out.add(subject_for(event).encode(), encode(event), event.id)
+                    out.add(subject_for(event).encode(), encode(event))
                     stats.process_events += 1
                     continue
-                key = (rec[i_head], rec[i_enums], rec[i_ra], rec[i_rp], rec[i_la], rec[i_lp])
-                flow = flows.get(key) or encoder.flow(key)
+                key = (rec[i_kind], rec[i_flags], rec[i_rule], rec[i_where])
+                flow = flows.get(key) or encoder.flow(key, rule)  # type: ignore[arg-type]
                 anomaly = observe(ident.exe_key, flow.destination, now)
-                cpu = rec[i_cpu]
-                seq = rec[i_seq]
-                event_id = f"{prefixes.get(cpu) or encoder.id_prefix(cpu)}{seq}"
-                subjects.append(flow.subject)
-                ids.append(event_id)
-                payloads.append(encode(wire(
-                    event_id, rec[i_ts] + offset, flow.head, rule.raw, flow.local, flow.remote,  # type: ignore[union-attr]
-                    ident.raw, rec[i_netns], rec[i_repeat], anomaly, cpu, seq,
-                )))  # fmt: skip
+                cpu, seq, netns, repeat = rec[i_cpu], rec[i_seq], rec[i_netns], rec[i_repeat]
+                text = cpus.get(cpu) or encoder.cpu(cpu)
+                # The payload and the CRLF after it; the common cases in one format each.
+                if seq and not repeat and netns:
+                    payload = template % (
+                        text.prefix, seq, rec[i_ts] + offset, flow.json, ident.json, netns, anomaly, text.tail, seq
+                    )  # fmt: skip
+                elif seq and not repeat:
+                    payload = template_no_netns % (
+                        text.prefix, seq, rec[i_ts] + offset, flow.json, ident.json, anomaly, text.tail, seq
+                    )  # fmt: skip
+                else:
+                    payload = encoder.payload(seq, rec[i_ts] + offset, flow, ident, netns, repeat, anomaly, cpu)
+                n = len(payload) - 2
+                extend((flow.pub, size_lines.get(n) or encoder.size_line(n), payload))  # "PUB <subject> <n>\r\n..."
+                size += n
                 conns += 1
+            out.count += conns
+            out.payload_bytes += size
             stats.connection_events += conns
             stats.timed("score", time.perf_counter() - t0)
             await send.send(out)

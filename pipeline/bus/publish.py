@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 
 from pipeline.bus.barrier import server_barrier
 from pipeline.events import Event, subject_for
-from pipeline.hotpath import Encoded
+from pipeline.hotpath import Encoded, event_id
 
 log = structlog.get_logger(__name__)
 
@@ -146,9 +146,13 @@ class Publisher:
                     first = await self._events.receive()
                 except anyio.EndOfStream:
                     break
-                # Stages send one event, a list of events, or events already encoded.
-                batch = Encoded()
-                self._add(batch, first)
+                # Stages send one event, a list of events, or events already encoded; an Encoded
+                # sent here is the publisher's from then on, and a batch may start as it is.
+                if isinstance(first, Encoded):
+                    batch = first
+                else:
+                    batch = Encoded()
+                    self._add(batch, first)
                 idle = False
                 while len(batch) < self._max_batch:
                     try:
@@ -177,32 +181,42 @@ class Publisher:
 
     def _add(self, batch: Encoded, item: Event | list[Event] | Encoded) -> None:
         if isinstance(item, Encoded):
-            batch.subjects += item.subjects
-            batch.payloads += item.payloads
-            batch.ids += item.ids
+            batch.extend(item)
             return
         encode = self._encode
         for event in item if isinstance(item, list) else (item,):
-            batch.add(subject_for(event).encode(), encode(event), event.id)
+            batch.add(subject_for(event).encode(), encode(event))
 
     def _frame(self, batch: Encoded) -> _Frames:
         """The batch as NATS protocol: one PUB (or HPUB with a message id) per event.
 
+        The events come as PUB commands already; they are sent as they are unless a message id
+        header is wanted, or one of them may be over the server's max payload (one of the pieces
+        that make the commands is; the exact test is then made on each payload).
+        """
+        pieces = batch.pieces
+        max_payload = self._nc.max_payload or math.inf
+        if not self._msg_id_header and (not pieces or max(map(len, pieces)) <= max_payload):
+            return _Frames(b"".join(pieces), batch.count, batch.payload_bytes)
+        return self._frame_each(batch, max_payload)
+
+    def _frame_each(self, batch: Encoded, max_payload: float) -> _Frames:
+        """:meth:`_frame`, event by event: HPUB with message ids, and events too large to send.
+
         An event larger than the server's max payload can never be sent: it is counted and
         logged with its id, and left out.
         """
-        max_payload = self._nc.max_payload or math.inf
         pieces: list[bytes] = []  # joined once: no copy of a payload into a frame of its own
         extend = pieces.extend
         events = sizes = 0
-        for subject, payload, event_id in zip(batch.subjects, batch.payloads, batch.ids, strict=True):
+        for subject, payload in batch.events():
             size = len(payload)
             if size > max_payload:
                 self._undeliverable += 1
-                log.error("event_undeliverable", event_id=event_id, size=size, max_payload=max_payload)
+                log.error("event_undeliverable", event_id=event_id(payload), size=size, max_payload=max_payload)
                 continue
             if self._msg_id_header:
-                header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % event_id.encode()
+                header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % event_id(payload).encode()
                 extend((b"HPUB %s %d %d\r\n" % (subject, len(header), len(header) + size), header, payload, CRLF))
             else:
                 extend((b"PUB %s %d\r\n" % (subject, size), payload, CRLF))

@@ -88,7 +88,7 @@ async def test_encoded_batches_and_events_interleave_in_order_with_a_small_windo
                 else:
                     encoded = Encoded()
                     for event in batch[start : start + 250]:
-                        encoded.add(subject_for(event).encode(), msgspec.json.encode(event), event.id)
+                        encoded.add(subject_for(event).encode(), msgspec.json.encode(event))
                     await send.send(encoded)
     counters = publisher.counters()
     assert (counters.received, counters.confirmed, counters.publish_failures) == (n, n, 0)
@@ -96,6 +96,34 @@ async def test_encoded_batches_and_events_interleave_in_order_with_a_small_windo
         received = [decoder.decode((await sub.next_msg(timeout=10)).data) for _ in range(n)]
     assert received == batch
     assert await _stream_messages(agent_nc) == n
+
+
+async def test_an_event_over_the_max_payload_is_counted_and_the_rest_arrive_in_order(
+    agent_nc: NATS, consumer_nc: NATS
+) -> None:
+    """An event the server can never take (over its 1 MB max payload), pre-encoded or not, is
+    counted as undeliverable and left out; every other event of its batch arrives, in order."""
+    batch = events(40)
+    huge = msgspec.structs.replace(batch[7], id="ev-huge", host="h" * (agent_nc.max_payload + 1))  # type: ignore[type-var]
+    sub = await consumer_nc.subscribe("tool.events.>", pending_msgs_limit=100)
+    await server_barrier(consumer_nc)
+    send, receive = anyio.create_memory_object_stream[Event | Encoded](4)
+    publisher = Publisher(agent_nc, receive)
+    async with anyio.create_task_group() as tg:
+        await tg.start(publisher.run)
+        async with send:
+            encoded = Encoded()
+            for event in [*batch[:20], huge]:
+                encoded.add(subject_for(event).encode(), msgspec.json.encode(event))
+            await send.send(encoded)
+            for event in [*batch[20:], huge]:
+                await send.send(event)
+    counters = publisher.counters()
+    assert (counters.received, counters.confirmed, counters.undeliverable) == (42, 40, 2)
+    with anyio.fail_after(10):
+        received = [decoder.decode((await sub.next_msg(timeout=10)).data) for _ in range(40)]
+    assert received == batch
+    assert await _stream_messages(agent_nc) == 40
 
 
 async def test_late_consumer_catches_up_from_the_stream(agent_nc: NATS, consumer_nc: NATS) -> None:

@@ -33,6 +33,19 @@ for line in sys.stdin:
 """
 
 
+# The producer, and after each burst a child that runs a program: the child's exec and exit
+# records land between runs of connection records.
+PRODUCER_AND_CHILDREN = r"""
+import os, subprocess, sys
+print("ready", flush=True)
+for line in sys.stdin:
+    for _ in range(int(line)):
+        os.getppid()
+    child = subprocess.run(["/bin/true"])
+    print(child.returncode, flush=True)
+"""
+
+
 def test_record_span_counts_the_header_and_rounds_to_8() -> None:
     assert record_span(160) == 168
     assert record_span(161) == 176
@@ -77,9 +90,59 @@ def test_every_record_read_once_across_many_wraps() -> None:
     by_cpu: dict[int, list[int]] = defaultdict(list)
     for r in mine:
         by_cpu[r[hot.CPU]].append(r[hot.SEQ])
-        assert r[hot.REMOTE_PORT] == 443 and r[hot.ABI] == abi.ABI_VERSION
+        assert hot.conn_record(r).remote_port == 443 and r[hot.ABI] == abi.ABI_VERSION
     for seqs in by_cpu.values():
         assert seqs == sorted(set(seqs))  # each record once, in order per CPU
+
+
+@pytest.mark.skipif(not MMAP_READER_SAFE, reason="the mmap reader is used on x86 only")
+def test_process_records_between_runs_of_connection_records_keep_their_place() -> None:
+    """The drain reads connection records in runs and ends a run at anything else: with exec and
+    exit records between bursts, and small batches that end runs part-way, every record comes
+    out once, in each CPU's order, and the process records are decoded."""
+    rounds, burst = 30, 48
+    with (
+        cgroup.scratch_cgroup("tooltest-ring") as path,
+        subprocess.Popen([sys.executable, "-c", PRODUCER_AND_CHILDREN], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.enter(path)) as producer,
+    ):  # fmt: skip
+        assert producer.stdin is not None and producer.stdout is not None
+        assert producer.stdout.readline().strip() == "ready"
+        try:
+            with Sensors.load(
+                path, ringbuf_bytes=16 * os.sysconf("SC_PAGE_SIZE"), bench_tgid=producer.pid, bench_burst=burst
+            ) as sensors:  # fmt: skip
+                reader = RingReader(sensors.maps["events"])
+                gaps = GapTracker()
+                decode_errors = hot.DecodeErrors(lambda *a, **k: None)
+                got: list[hot.Record] = []
+                before = sensors.counters()
+                for _ in range(rounds):
+                    producer.stdin.write("1\n")
+                    producer.stdin.flush()
+                    assert producer.stdout.readline().strip() == "0"
+                    while batch := hot.drain(reader, gaps.see, gaps.expected, gaps.opened, decode_errors, 7):
+                        got += batch
+                after = sensors.counters()
+                reader.close()
+        finally:
+            producer.kill()
+    assert after["ring_buffer_full"] == before["ring_buffer_full"]  # the ring never overflowed
+    assert decode_errors.count == 0
+    conns = [r for r in got if type(r) is tuple]
+    procs = [r for r in got if type(r) is not tuple]
+    assert len([r for r in conns if hot.task_of(r[hot.TASK]).tgid == producer.pid]) == rounds * burst
+    execs = [r for r in procs if r.kind == abi.EV_EXEC and r.filename == "/bin/true"]
+    exits = [r for r in procs if r.kind == abi.EV_EXIT and r.task.tgid in {e.task.tgid for e in execs}]
+    assert len(execs) == len(exits) == rounds
+    by_cpu: dict[int, list[int]] = defaultdict(list)
+    for r in got:
+        cpu, seq = (r[hot.CPU], r[hot.SEQ]) if type(r) is tuple else (r.cpu, r.seq)  # type: ignore[union-attr]
+        by_cpu[cpu].append(seq)
+    for seqs in by_cpu.values():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # each record once, in order, no hole
+    gaps.settle_all()
+    assert gaps.lost == 0
 
 
 def test_a_map_that_is_not_a_ring_buffer_is_refused() -> None:

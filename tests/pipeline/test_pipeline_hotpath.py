@@ -105,7 +105,7 @@ async def hot_path(records: list[bytes], baseline: Baseline) -> hot.Encoded:
             stats,
         )  # fmt: skip
         async with s1:
-            await s1.send(Batch([hot.CONN.unpack(r) for r in records]))
+            await s1.send(Batch([hot.conn_tuple(r) for r in records]))
         async with r4:
             async for item in r4:
                 out.append(item)
@@ -139,8 +139,11 @@ def test_hot_path_bytes_equal_the_typed_events(records: list[dict[str, Any]]) ->
     raws = [pack(r, 1000 + i) for i, r in enumerate(records)]
     got = anyio.run(hot_path, raws, Baseline(None, warmup_observations=3))
     want = reference(raws, Baseline(None, warmup_observations=3))
-    assert list(zip(got.subjects, got.payloads, got.ids, strict=True)) == want
-    for payload in got.payloads:  # consumers decode it as the published type, and nothing is lost
+    assert [(subject, payload, hot.event_id(payload)) for subject, payload in got.events()] == want
+    assert b"".join(got.pieces) == b"".join(b"PUB %s %d\r\n%s\r\n" % (s, len(p), p) for s, p, _ in want)
+    assert len(got) == len(want)
+    assert got.payload_bytes == sum(len(p) for _, p, _ in want)
+    for _, payload in got.events():  # consumers decode it as the published type, and nothing is lost
         assert msgspec.json.encode(msgspec.json.decode(payload, type=ConnectionEvent)) == payload
 
 
@@ -152,7 +155,7 @@ def test_conn_tuple_matches_the_reference_decoder() -> None:
          "local": b"\0" * 10 + b"\xff\xff\x0a\0\0\x01", "remote": bytes(range(16)), "lport": 22, "rport": 40000,
          "repeat": 2, "comm": b"sshd"}, 42,
     )  # fmt: skip
-    assert hot.conn_record(hot.CONN.unpack(raw)) == dec.decode(raw)._replace(sock_cookie=0)
+    assert hot.conn_record(hot.conn_tuple(raw)) == dec.decode(raw)._replace(sock_cookie=0)
 
 
 @settings(max_examples=40, deadline=None)
