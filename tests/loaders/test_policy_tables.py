@@ -117,7 +117,10 @@ def plain_entries(rules: list[dict[str, Any]], audit: bool) -> list[tuple[Any, .
 
 
 def plain_tables(compiled: CompiledPolicy) -> tuple[bytes, bytes, bytes]:
-    """LPM keys, LPM values and rules for slot 0, packed with the ABI layouts from the compiled entries."""
+    """LPM keys, LPM values and rules for slot 0, packed with the ABI layouts from the compiled entries.
+
+    The nodes are in key order, and the rules array holds each node's rules in that order.
+    """
     nodes: dict[tuple[int, int, ipaddress.IPv6Network], list[tuple[int, ...]]] = {}
     for e in compiled.entries:
         direction = abi.DIRECTIONS[e.direction]
@@ -128,7 +131,12 @@ def plain_tables(compiled: CompiledPolicy) -> tuple[bytes, bytes, bytes]:
     values: list[bytes] = []
     rules: list[bytes] = []
     lpm_key, lpm_value, rule_layout = abi.LPM_KEY.compile(), abi.LPM_VALUE.compile(), abi.RULE.compile()
-    for (direction, proto, net), node_rules in nodes.items():
+    # Nodes go in the order of their packed keys (prefix length first, then direction, protocol, address).
+    def packed_key(node: tuple[int, int, ipaddress.IPv6Network]) -> bytes:
+        direction, proto, net = node
+        return lpm_key.pack(abi.LPM_KEY_BITS + net.prefixlen, 0, direction, proto, 0, net.network_address.packed)
+
+    for (direction, proto, net), node_rules in sorted(nodes.items(), key=lambda item: packed_key(item[0])):
         enclosing = [
             other.prefixlen
             for d, p, other in nodes
