@@ -406,9 +406,9 @@ def _link_parents(node_keys: Sequence[int]) -> list[int]:
     """Find each node's nearest enclosing node of the same direction and protocol.
 
     Sorted node keys come in runs of one (prefix length, direction, protocol). For each run and
-    each shorter length of its direction and protocol, the would-be enclosing keys are computed and
-    looked up a whole run at a time with ``map``, so the work per node is a few C-level steps per
-    shorter length in use, not a Python loop.
+    each shorter length of its direction and protocol, the run's addresses are masked to that
+    length and looked up among that length's addresses a whole run at a time with ``map``: a
+    few C-level steps per node and shorter length in use, not a Python loop per node.
 
     Args:
         node_keys: the node keys (see _group_entries), sorted.
@@ -420,27 +420,30 @@ def _link_parents(node_keys: Sequence[int]) -> list[int]:
         TablesError: a node is nested in more than ``abi.MAX_NESTING`` others.
     """
     parent_lens = [0] * len(node_keys)
-    present = frozenset(node_keys)
     # key >> 136 is (LPM key length) << 48 | direction << 8 | protocol: a node's length and group.
-    runs: list[tuple[int, int, int]] = []  # (start, end, key >> 136) of each run
+    runs: dict[int, tuple[int, int]] = {}  # key >> 136 -> (start, end) of its run
     start = 0
     while start < len(node_keys):
         top = node_keys[start] >> 136
         end = bisect.bisect_left(node_keys, (top + 1) << 136, start)
-        runs.append((start, end, top))
+        runs[top] = (start, end)
         start = end
     lengths: dict[int, list[int]] = {}  # direction << 8 | protocol -> the LPM key lengths in use, ascending
-    for _, _, top in runs:
+    addresses_of: dict[int, frozenset[int]] = {}  # key >> 136 -> the addresses of that run, made when asked
+    for top in runs:
         lengths.setdefault(top & 0xFFFF, []).append(top >> 48)
-    for start, end, top in runs:
+    for top, (start, end) in runs.items():
         length, group = top >> 48, top & 0xFFFF
         for shorter in lengths[group]:  # ascending: a longer enclosing length overwrites a shorter one
             if shorter >= length:
                 break
-            mask, above = _MASKS[shorter - abi.LPM_KEY_BITS], shorter << 184 | group << 136
-            addresses = map(operator.and_, node_keys[start:end], itertools.repeat(mask))
-            hits = map(present.__contains__, map(operator.or_, addresses, itertools.repeat(above)))
-            for i in itertools.compress(range(start, end), hits):
+            enclosing = addresses_of.get(shorter << 48 | group)
+            if enclosing is None:
+                first, last = runs[shorter << 48 | group]
+                enclosing = frozenset(map(operator.and_, node_keys[first:last], itertools.repeat(_ADDRESS)))
+                addresses_of[shorter << 48 | group] = enclosing
+            masked = map(operator.and_, node_keys[start:end], itertools.repeat(_MASKS[shorter - abi.LPM_KEY_BITS]))
+            for i in itertools.compress(range(start, end), map(enclosing.__contains__, masked)):
                 parent_lens[i] = shorter
     nested = [i for i, bits in enumerate(parent_lens) if bits]
     _check_nesting(node_keys, parent_lens, nested)
