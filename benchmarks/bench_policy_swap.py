@@ -75,7 +75,8 @@ def swap(sensors: Sensors, loaded: LoadedPolicy, root: str) -> tuple[int, dict[s
     t2 = time.perf_counter()
     sensors.apply_policy(tables)
     t3 = time.perf_counter()
-    return len(compiled.entries), {"compile": t1 - t0, "build_tables": t2 - t1, "apply": t3 - t2}
+    # The kernel's count: reading compiled.entries would make the KernelRules the agent never needs.
+    return tables.rule_entries, {"compile": t1 - t0, "build_tables": t2 - t1, "apply": t3 - t2}
 
 
 def report(label: str, entries: int, stages: dict[str, float], target: float | None = None) -> None:

@@ -23,8 +23,9 @@ class ParsedAddress:
     """An address spec after parsing: exactly one of ``network`` and ``dns_name`` is set.
 
     ``address`` and ``prefixlen`` repeat ``network``'s first address and length as plain integers
-    (0 for a DNS name), and ``bits`` is ``prefixlen << 128 | address``: the compiler groups rules
-    by these without touching ``network``.
+    (0 for a DNS name), and ``bits`` is ``prefixlen << 184 | address``: the network's part of the
+    integer key the compiler groups entries by (the kernel's LPM key read as one big-endian number,
+    whose length byte sits at bit 184), without touching ``network``.
     """
 
     network: ipaddress.IPv6Network | None
@@ -34,7 +35,7 @@ class ParsedAddress:
     bits: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", self.prefixlen << 128 | self.address)
+        object.__setattr__(self, "bits", self.prefixlen << 184 | self.address)
 
 
 def _network(net: ipaddress.IPv6Network) -> ParsedAddress:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from pathlib import Path
@@ -117,7 +118,10 @@ def plain_entries(rules: list[dict[str, Any]], audit: bool) -> list[tuple[Any, .
 
 
 def plain_tables(compiled: CompiledPolicy) -> tuple[bytes, bytes, bytes]:
-    """LPM keys, LPM values and rules for slot 0, packed with the ABI layouts from the compiled entries."""
+    """LPM keys, LPM values and rules for slot 0, packed with the ABI layouts from the compiled entries.
+
+    The nodes are in key order, and the rules array holds each node's rules in that order.
+    """
     nodes: dict[tuple[int, int, ipaddress.IPv6Network], list[tuple[int, ...]]] = {}
     for e in compiled.entries:
         direction = abi.DIRECTIONS[e.direction]
@@ -128,7 +132,12 @@ def plain_tables(compiled: CompiledPolicy) -> tuple[bytes, bytes, bytes]:
     values: list[bytes] = []
     rules: list[bytes] = []
     lpm_key, lpm_value, rule_layout = abi.LPM_KEY.compile(), abi.LPM_VALUE.compile(), abi.RULE.compile()
-    for (direction, proto, net), node_rules in nodes.items():
+    # Nodes go in the order of their packed keys (prefix length first, then direction, protocol, address).
+    def packed_key(node: tuple[int, int, ipaddress.IPv6Network]) -> bytes:
+        direction, proto, net = node
+        return lpm_key.pack(abi.LPM_KEY_BITS + net.prefixlen, 0, direction, proto, 0, net.network_address.packed)
+
+    for (direction, proto, net), node_rules in sorted(nodes.items(), key=lambda item: packed_key(item[0])):
         enclosing = [
             other.prefixlen
             for d, p, other in nodes
@@ -158,6 +167,11 @@ def test_compiled_entries_and_tables_equal_a_plain_construction(
     assert len(compiled.who_classes) == len({repr(r.get("who")) for r in rules})
     tables = build_tables(compiled, "/sys/fs/cgroup")
     assert packed(tables) == plain_tables(compiled)
+    # The compiler groups its entries into nodes itself; entries in a plain list are grouped by
+    # build_tables: both must give the same bytes.
+    as_list = dataclasses.replace(compiled, entries=list(compiled.entries))
+    assert not hasattr(as_list.entries, "kernel_nodes")
+    assert packed(build_tables(as_list, "/sys/fs/cgroup")) == packed(tables)
     assert tables.rule_entries == len(compiled.entries)
 
 
