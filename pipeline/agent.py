@@ -27,7 +27,7 @@ from loaders import cgroup as cg
 from loaders.sensors import Sensors
 from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
-from pipeline.bus.server import EmbeddedNats
+from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
 from pipeline.bus.stream import ensure_stream, stream_config
 from pipeline.cgroup_watch import CgroupWatcher
 from pipeline.config import Config
@@ -200,7 +200,8 @@ class Agent:
             mat_send, mat_recv = anyio.create_memory_object_stream[Batch](STREAM_BUFFER)
             ev_send, ev_recv = anyio.create_memory_object_stream[Event | list[Event] | Encoded](EVENT_BUFFER)
             self._send_event = ev_send.clone()
-            self.publisher = Publisher(nc, ev_recv)
+            # Confirmed means stored while the agent keeps a stream (docs/nats.md).
+            self.publisher = Publisher(nc, ev_recv, stream_ack=None if c.event_stream == "none" else EVENTS_STREAM)
 
             # Everything made so far (modules, config, policy) lives as long as the agent: keep
             # it out of the garbage collector's full passes, which otherwise walk it again and

@@ -2,27 +2,34 @@
 
 Each event is encoded once with msgspec and sent with a core NATS publish on
 :func:`pipeline.events.subject_for`; the JetStream stream (:mod:`pipeline.bus.stream`)
-captures it. Publishes are grouped in batches, sent back to back; a flush round trip
-(PING/PONG) confirms every batch sent before it on the same connection, once ``window`` batches
-wait or no event does. If a publish or a confirmation fails (connection lost, timeout), or the
-client reconnected in between, every unconfirmed batch is sent again, in order, with backoff
-until the server confirms it, so an event is never lost silently; it may be stored twice after
-a reconnect unless ``msg_id_header`` is on (the stream then drops the duplicate).
+captures it. Publishes are grouped in batches, sent back to back, and confirmed together once
+``window`` batches wait or no event does. With ``stream_ack`` (the agent's default while it keeps
+an event stream) the last event before a confirmation carries a reply subject, and JetStream's
+answer, sent once it has stored that event, confirms every event before it on the connection as
+stored, since the stream stores one connection's messages in order; without, a flush round trip
+(PING/PONG) confirms that the server received them. If a publish or a confirmation fails
+(connection lost, timeout), or the client reconnected in between, every unconfirmed batch is
+sent again, in order, with backoff until the server confirms it, so an event is never lost
+silently; it may be stored twice after a reconnect unless ``msg_id_header`` is on (the stream
+then drops the duplicate).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import msgspec
 import nats.errors
+import nats.js.errors
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from pipeline.bus.barrier import server_barrier
 from pipeline.events import Event, subject_for
@@ -35,6 +42,7 @@ DEFAULT_WINDOW = 8
 CRLF = b"\r\n"  # batches sent but not yet confirmed
 DEFAULT_FLUSH_TIMEOUT_S = 5
 DEFAULT_BACKOFF_S = (0.05, 5.0)
+STREAM_RECHECK_S = 30.0
 
 
 class PublisherClosedError(Exception):
@@ -80,6 +88,7 @@ class Publisher:
         flush_timeout_s: int = DEFAULT_FLUSH_TIMEOUT_S,
         backoff_s: tuple[float, float] = DEFAULT_BACKOFF_S,
         msg_id_header: bool = False,
+        stream_ack: str | None = None,
     ) -> None:
         """Create the stage.
 
@@ -95,6 +104,10 @@ class Publisher:
             backoff_s: First and largest delay between attempts to send a failed batch.
             msg_id_header: Send each event with a ``Nats-Msg-Id: <event id>`` header so
                 the stream stores a re-sent event once (about 30% slower).
+            stream_ack: The name of the JetStream stream that keeps the events: confirm them
+                only once it has stored them (see the module's docstring). Where it does not
+                exist (deleted, or a server without JetStream) this is logged once, the round
+                trip confirms, and the stream is looked for again every ``STREAM_RECHECK_S``.
         """
         if max_batch < 1 or window < 1:
             raise ValueError("max_batch and window must be at least 1")
@@ -105,6 +118,12 @@ class Publisher:
         self._flush_timeout_s = flush_timeout_s
         self._backoff_s = backoff_s
         self._msg_id_header = msg_id_header
+        self._stream_ack = stream_ack
+        self._ack_prefix = b""  # the inbox JetStream answers on, subscribed on first use
+        self._acks: dict[bytes, _StreamAck] = {}
+        self._ack_count = 0
+        self._no_stream_logged = False
+        self._acks_paused_until = 0.0  # no stream found: round trips only until then
         self._encode = msgspec.json.Encoder().encode
         self._received = 0
         self._confirmed = 0
@@ -169,11 +188,14 @@ class Publisher:
                         break
                     idle = False
                 self._received += len(batch)
+                confirm = len(inflight) + 1 >= self._window or idle or ended
                 frames = self._frame(batch)
+                if confirm and self._stream_ack and time.monotonic() >= self._acks_paused_until:
+                    await self._ask_for_ack(frames)
                 inflight.append(frames)
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await self._send(frames)  # a batch that could not be sent is sent again by _confirm
-                if len(inflight) >= self._window or idle or ended:
+                if confirm:
                     await self._confirm(inflight)
             if inflight:
                 await self._confirm(inflight)
@@ -241,12 +263,18 @@ class Publisher:
                 if not nc.is_connected:
                     raise nats.errors.ConnectionReconnectingError
                 if any(b.generation != generation for b in inflight):
+                    if inflight[-1].ack is not None:
+                        # A new reply subject: an answer to the earlier copy says nothing about
+                        # the batches sent again before this one.
+                        await self._ask_for_ack(inflight[-1])
                     resent = 0
                     for b in inflight:  # all of them, to keep the order
                         await self._send(b)
                         resent += b.events
                     self._retried += resent
-                await server_barrier(nc, timeout=self._flush_timeout_s)
+                ack = inflight[-1].ack
+                if ack is None or not await self._stored(ack):
+                    await server_barrier(nc, timeout=self._flush_timeout_s)
                 if not nc.is_connected or nc.stats["reconnects"] != generation:
                     raise nats.errors.ConnectionReconnectingError
                 break
@@ -258,7 +286,94 @@ class Publisher:
         self._batches += len(inflight)
         if attempt:
             log.info("publish_recovered", attempts=attempt + 1, events=events)
+        for b in inflight:
+            if b.ack is not None:
+                self._acks.pop(b.ack.token, None)
         inflight.clear()
+
+    async def _ask_for_ack(self, frames: _Frames) -> None:
+        """Give the batch's last event a new reply subject, where JetStream says it stored it.
+
+        Without a subscription for the answers (the client could not make one), the batch is
+        left as it is and the round trip confirms it.
+        """
+        if not frames.events:
+            return
+        if not self._ack_prefix:
+            prefix = self._nc.new_inbox()
+            try:
+                await self._nc.subscribe(f"{prefix}.*", cb=self._on_ack)  # sent before any PUB using it
+            except nats.errors.Error as exc:
+                log.warning("stream_ack_unavailable", error=repr(exc))
+                return
+            self._ack_prefix = prefix.encode()
+        if frames.ack is not None:
+            self._acks.pop(frames.ack.token, None)  # a late answer to the earlier copy is ignored
+        if frames.plain is None:
+            frames.plain = frames.data
+        data = frames.plain
+        self._ack_count += 1
+        token = b"%s.%d" % (self._ack_prefix, self._ack_count)
+        start = _last_command(data)
+        eol = data.index(CRLF, start)
+        verb, subject, *sizes = data[start:eol].split(b" ")
+        frames.data = data[:start] + b" ".join((verb, subject, token, *sizes)) + data[eol:]
+        frames.ack = self._acks[token] = _StreamAck(token)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        ack = self._acks.get(msg.subject.encode())
+        if ack is None:
+            return  # an answer for a window already confirmed (sent again meanwhile)
+        if msg.headers and msg.headers.get("Status") == "503":
+            ack.result = "no-stream"
+        else:
+            try:
+                answer = msgspec.json.decode(msg.data)
+            except msgspec.DecodeError:
+                answer = {"error": {"description": f"not a JetStream answer: {msg.data[:100]!r}"}}
+            error = answer.get("error") if isinstance(answer, dict) else None
+            ack.result = "stored" if error is None else f"refused: {error.get('description', error)}"
+        ack.done.set()
+
+    async def _stored(self, ack: _StreamAck) -> bool:
+        """Wait for JetStream's answer: True once stored; False where no stream takes the events.
+
+        Raises:
+            nats.errors.TimeoutError: no answer in time (the caller sends the window again).
+        """
+        with anyio.move_on_after(self._flush_timeout_s):
+            await ack.done.wait()
+        if not ack.done.is_set():
+            # No answer: the stream is slow, or there is none and live subscribers took the
+            # message (no "no responders" then). Only the latter stops asking.
+            if await self._stream_exists():
+                raise nats.errors.TimeoutError
+            ack.result = "no-stream"
+        if ack.result == "stored":
+            if self._no_stream_logged:
+                log.info("event_stream_storing_again")
+                self._no_stream_logged = False
+            return True
+        if not self._no_stream_logged:
+            # Live subscribers still get every event; only the catch-up store is missing.
+            log.warning(
+                "event_stream_not_storing",
+                reason=ack.result,
+                advice="events reach live subscribers but are not kept; restart the agent to recreate the stream",
+            )
+            self._no_stream_logged = True
+        self._acks_paused_until = time.monotonic() + STREAM_RECHECK_S
+        return False
+
+    async def _stream_exists(self) -> bool:
+        assert self._stream_ack is not None
+        try:
+            await self._nc.jetstream().stream_info(self._stream_ack)
+        except nats.js.errors.NotFoundError:
+            return False
+        except nats.errors.NoRespondersError:  # a server without JetStream
+            return False
+        return True
 
     async def _failed(self, exc: BaseException, attempt: int, events: int) -> int:
         """Count and log a failed attempt, then back off; the next attempt's number."""
@@ -296,13 +411,36 @@ class Publisher:
             await nc._flush_pending()
 
 
+def _last_command(data: bytes) -> int:
+    """Offset of the last PUB/HPUB command in ``data`` (commands back to back)."""
+    pos = last = 0
+    while pos < len(data):
+        last = pos
+        eol = data.index(CRLF, pos)
+        pos = eol + 2 + int(data[data.rindex(b" ", pos, eol) + 1 : eol]) + 2  # the total size is last
+    return last
+
+
+class _StreamAck:
+    """JetStream's answer for one window: ``stored``, ``no-stream`` or ``refused: ...``."""
+
+    __slots__ = ("done", "result", "token")
+
+    def __init__(self, token: bytes) -> None:
+        self.token = token
+        self.done = anyio.Event()
+        self.result = ""
+
+
 class _Frames:
     """One batch as NATS protocol, and the connection (reconnect count) it was last sent on."""
 
-    __slots__ = ("data", "events", "generation", "payload_bytes")
+    __slots__ = ("ack", "data", "events", "generation", "payload_bytes", "plain")
 
     def __init__(self, data: bytes, events: int, payload_bytes: int) -> None:
         self.data = data  # PUB/HPUB commands, back to back
         self.events = events
         self.payload_bytes = payload_bytes
         self.generation = -1  # not sent yet
+        self.ack: _StreamAck | None = None  # the last event asks JetStream to answer here
+        self.plain: bytes | None = None  # ``data`` before a reply subject was put in

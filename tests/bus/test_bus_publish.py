@@ -257,3 +257,60 @@ async def test_publish_rate(agent_nc: NATS) -> None:
     elapsed = time.perf_counter() - started
     assert publisher.counters().confirmed == n
     print(f"published {n} events in {elapsed:.3f}s: {n / elapsed:,.0f} events/s")
+
+
+@pytest.mark.parametrize("msg_id_header", [False, True])
+async def test_with_stream_acks_confirmed_means_stored_even_if_the_server_stops_at_once(
+    tmp_path: Path, msg_id_header: bool
+) -> None:
+    """The server is stopped the moment the publisher has confirmed: every confirmed event is in
+    the stream after a restart (without stream acks a graceful stop could drop the tail)."""
+    state = tmp_path / "state"
+    server = EmbeddedNats(state, port=0)
+    await server.start()
+    nc = await nats.connect(server.credentials["agent"].url_with_auth(), allow_reconnect=False)
+    n = 3000
+    try:
+        await ensure_stream(nc.jetstream())
+        publisher = await _publish_all(nc, events(n), stream_ack=EVENTS_STREAM, msg_id_header=msg_id_header)
+        assert publisher.counters().confirmed == n
+    finally:
+        await nc.close()
+        await server.stop()  # at once: no waiting for the stream to catch up
+    server = EmbeddedNats(state, port=0)
+    await server.start()
+    try:
+        nc = await nats.connect(server.credentials["agent"].url_with_auth())
+        assert await _stream_messages(nc) == n
+        await nc.close()
+    finally:
+        await server.stop()
+
+
+async def test_without_a_stream_the_publisher_says_so_and_still_delivers(
+    agent_nc: NATS, consumer_nc: NATS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stream acks asked for, but nothing stores the events: live delivery goes on, logged once."""
+    await agent_nc.jetstream().delete_stream(EVENTS_STREAM)
+    n = 300
+    sub = await consumer_nc.subscribe("tool.events.>", pending_msgs_limit=n * 2)
+    await server_barrier(consumer_nc)
+    publisher = await _publish_all(
+        agent_nc, events(n), stream_ack=EVENTS_STREAM, max_batch=50, window=2, flush_timeout_s=1
+    )
+    assert publisher.counters().confirmed == n
+    with anyio.fail_after(10):
+        for _ in range(n):
+            await sub.next_msg(timeout=10)
+    assert capsys.readouterr().out.count("event_stream_not_storing") == 1
+
+
+def test_the_last_command_is_found_past_headers_and_payloads() -> None:
+    from pipeline.bus.publish import _last_command
+
+    first = b"PUB a.b 3\r\nPUB\r\n"
+    second = b"HPUB c.d 12 15\r\nNATS/1.0\r\n\r\nx y\r\n"
+    third = b"PUB e 0\r\n\r\n"
+    assert _last_command(first + second) == len(first)
+    assert _last_command(first + second + third) == len(first + second)
+    assert _last_command(first) == 0
