@@ -750,3 +750,31 @@ spec:
     # Nothing listens on 1015: allowed means the kernel let the SYN out (refused by the peer).
     assert "1015 errno 111" in inside, inside
     assert "1015 errno 1" in outside and "errno 111" not in outside, outside
+
+
+def test_a_sigkilled_agent_leaves_no_nats_server_or_audit_writer_behind(tmp_path: Path) -> None:
+    """kill -9 (the OOM killer): its children get the parent-death signal and exit."""
+    require_kernel()
+    with cg.scratch_cgroup("tooltest-e2e") as path:
+        agent = _start(tmp_path, path, f"audit_log: {tmp_path / 'audit.log'}\n")
+        [writer] = _audit_writer_pids(agent.stderr)
+        [server] = [
+            int(json.loads(ln)["pid"]) for ln in agent.stderr.read_text().splitlines() if "nats_server_started" in ln
+        ]
+        agent.proc.kill()
+        agent.proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        alive = [writer, server]
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [pid for pid in alive if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, f"still running after the agent was killed: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
