@@ -199,7 +199,8 @@ def _resolve_exe(patterns: Iterable[str], unresolved: list[str]) -> set[tuple[in
     return ids
 
 
-def _resolve_cgroups(patterns: Iterable[str], root: str, unresolved: list[str]) -> set[int]:
+def resolve_cgroups(patterns: Iterable[str], root: str, unresolved: list[str] | None = None) -> set[int]:
+    """The ids (inode numbers) of the cgroups the selectors match now; misses go to ``unresolved``."""
     ids: set[int] = set()
     for pattern in patterns:
         rel = pattern.lstrip("/")
@@ -210,7 +211,7 @@ def _resolve_cgroups(patterns: Iterable[str], root: str, unresolved: list[str]) 
             if os.path.isdir(p):
                 ids.add(os.stat(p).st_ino)
                 found = True
-        if not found:
+        if not found and unresolved is not None:
             unresolved.append(f"cgroup {pattern}")
     return ids
 
@@ -268,7 +269,7 @@ def _build_tables(policy: CompiledPolicyLike, cgroup_root: str) -> KernelTables:
             elif dim == abi.DIM_GID:
                 target, keys = t.gid, values
             elif dim == abi.DIM_CGROUP:
-                target, keys = t.cgroup, _resolve_cgroups(values, cgroup_root, t.unresolved)
+                target, keys = t.cgroup, resolve_cgroups(values, cgroup_root, t.unresolved)
             else:
                 target, keys = t.comm, [_comm_key(c) for c in values]
             for k in keys:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from loaders.sensors import KernelTables, Sensors, TablesError, build_tables
-from loaders.sensors import _resolve_cgroups as _resolve_cgroup_ids
+from loaders.sensors import KernelTables, Sensors, TablesError, build_tables, resolve_cgroups
 from pipeline.policy import CompiledPolicy, PolicyError, compile_policy, load_policy
 from pipeline.policy.compiler import KernelRule, RuleInfo, WhoClass
 
@@ -235,11 +234,6 @@ class PolicyRuntime:
         if info is None:
             return None, None, ""
         return info.name, info.source, info.explanation
-
-
-def resolve_cgroups(patterns: list[str], root: str) -> set[int]:
-    """The ids of the cgroups the selectors match now (as the kernel tables are built)."""
-    return _resolve_cgroup_ids(patterns, root, [])
 
 
 def _mtime(p: Path) -> float:
