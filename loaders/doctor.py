@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from loaders import bpffs, cgroup, errors
+from loaders import bpffs, cgroup, errors, native
 from loaders._ffi import ffi, lib, string
 from loaders.object import BpfObject
 
@@ -228,6 +228,22 @@ def check_sensors() -> list[Check]:
     return [*refused, Check("sensors object", OK, f"{total - len(skip)} of {total} programs load")]
 
 
+def check_native() -> Check:
+    """The native helper for policy swaps: optional, the Python fallback does the same work slower."""
+    path = native.library_path()
+    if native.get() is not None:
+        return Check("native helper", OK, f"loaded {path}", required=False)
+    if os.environ.get("TOOL_NATIVE") == "0":
+        return Check("native helper", INFO, "turned off by TOOL_NATIVE=0", required=False)
+    return Check(
+        "native helper",
+        WARN,
+        f"{path} is missing or cannot be loaded: policy swaps run in Python, about 1.5x slower for 100k rules",
+        "build it with `make -C loaders/csrc` (needs clang-19) for this architecture",
+        required=False,
+    )
+
+
 def run_checks(objects_dir: Path | None = None) -> list[Check]:
     """Run every check, in report order."""
     checks = [
@@ -247,6 +263,7 @@ def run_checks(objects_dir: Path | None = None) -> list[Check]:
         for program, label, required in PROGRAM_PROBES:
             checks.append(check_program(program, label, required, objects_dir))
         checks.extend(check_sensors())
+    checks.append(check_native())
     checks.append(
         Check(
             "kprobe/fentry/lsm",

@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import structlog
 
-from loaders import abi, bpffs, errors
+from loaders import abi, bpffs, errors, native
 from loaders import cgroup as cg
 from loaders._ffi import ffi, lib
 from loaders.links import Link
@@ -304,21 +304,43 @@ def _pack_nodes(t: KernelTables, entries: Sequence[Any]) -> None:
     if groups is None:  # a node lists its rules by rule id; the compiler's entries come in that order
         groups = _group_entries(sorted(entries, key=operator.attrgetter("rule_id")))
         assert groups is not None
+    helper = native.get()
+    if helper is not None:
+        _pack_nodes_natively(t, groups, helper)
+        return
     node_keys = sorted(groups)
     node_rules = list(map(groups.__getitem__, node_keys))
     rule_size = _RULE_PADDED.size
     counts = [size // rule_size for size in map(len, node_rules)]
     most = max(counts, default=0)
     if most > abi.MAX_NODE_RULES:
-        key = node_keys[counts.index(most)]
-        raise TablesError(
-            f"{most} rules share the destination {_key_network(key)} ({_dir_name(key >> 144 & 0xFF)}, "
-            f"protocol {key >> 136 & 0xFF}); the kernel evaluates at most {abi.MAX_NODE_RULES} per address "
-            "prefix: merge rules (list several ports or users in one rule)"
-        )
+        raise _crowded(node_keys[counts.index(most)], most)
     t.lpm_keys = _pack_keys(node_keys)
     t.lpm_values = _pack_values(counts, _link_parents(node_keys))
     t.rules = b"".join(node_rules)
+
+
+def _pack_nodes_natively(t: KernelTables, groups: dict[int, bytes], helper: native.Native) -> None:
+    """:func:`_pack_nodes`'s sorting, linking and values in the native helper: the same bytes, a third of the time."""
+    node_keys = list(groups)
+    node_rules = list(groups.values())
+    packed = helper.pack(
+        _pack_keys(node_keys), array("I", map(len, node_rules)), _LPM_KEY.size, _RULE_PADDED.size, abi.MAX_NESTING
+    )
+    if packed.most > abi.MAX_NODE_RULES:
+        raise _crowded(node_keys[packed.order[packed.most_at]], packed.most)
+    if packed.too_deep >= 0:
+        raise _too_deep(node_keys[packed.order[packed.too_deep]])
+    t.lpm_keys, t.lpm_values = packed.keys, packed.values
+    t.rules = b"".join(map(node_rules.__getitem__, packed.order))
+
+
+def _crowded(key: int, most: int) -> TablesError:
+    return TablesError(
+        f"{most} rules share the destination {_key_network(key)} ({_dir_name(key >> 144 & 0xFF)}, "
+        f"protocol {key >> 136 & 0xFF}); the kernel evaluates at most {abi.MAX_NODE_RULES} per address "
+        "prefix: merge rules (list several ports or users in one rule)"
+    )
 
 
 def _pack_keys(node_keys: Sequence[int]) -> bytes:
@@ -496,11 +518,15 @@ def _check_nesting(node_keys: Sequence[int], parent_lens: Sequence[int], nested:
         while cur in parent_of:
             depth += 1
             if depth >= abi.MAX_NESTING:
-                raise TablesError(
-                    f"address {_key_network(key)} is nested in more than {abi.MAX_NESTING} other "
-                    f"prefixes of the policy; the kernel walks at most {abi.MAX_NESTING}"
-                )
+                raise _too_deep(key)
             cur = parent_of[cur]
+
+
+def _too_deep(key: int) -> TablesError:
+    return TablesError(
+        f"address {_key_network(key)} is nested in more than {abi.MAX_NESTING} other "
+        f"prefixes of the policy; the kernel walks at most {abi.MAX_NESTING}"
+    )
 
 
 @dataclass
@@ -509,12 +535,13 @@ class _SlotContents:
 
     ``lpm`` maps each LPM key the slot holds to its value, both as packed for slot 0 (the value as
     its little-endian u64; :data:`_UNKNOWN_LPM_VALUE` where a failed write left it unknown), in
-    key order. ``lpm_keys`` and ``lpm_values`` are the packed tables it was written from (None:
-    not exactly those, compare entry by entry); ``rules`` is the slot's part of the rules array as
+    key order; None when ``lpm_keys`` and ``lpm_values`` say it all (see :meth:`lpm_entries`).
+    ``lpm_keys`` and ``lpm_values`` are the packed tables it was written from (None: not exactly
+    those, compare entry by entry with ``lpm``); ``rules`` is the slot's part of the rules array as
     written (None: unknown, write it whole).
     """
 
-    lpm: dict[bytes, int] = field(default_factory=dict)
+    lpm: dict[bytes, int] | None = None
     lpm_keys: bytes | None = b""
     lpm_values: bytes | None = b""
     rules: bytes | None = b""
@@ -523,6 +550,14 @@ class _SlotContents:
     gid: list[bytes] = field(default_factory=list)
     cgroup: list[bytes] = field(default_factory=list)
     comm: list[bytes] = field(default_factory=list)
+
+    def lpm_entries(self) -> dict[bytes, int]:
+        """``lpm``, made from the packed tables when it is not kept (the native helper diffs those)."""
+        if self.lpm is None:
+            assert self.lpm_keys is not None and self.lpm_values is not None
+            keys = _split_keys(self.lpm_keys)
+            self.lpm = dict(zip(keys, struct.unpack(f"<{len(keys)}Q", self.lpm_values), strict=True))
+        return self.lpm
 
 
 def _split_keys(blob: bytes) -> tuple[bytes, ...]:
@@ -893,9 +928,7 @@ class Sensors:
             TablesError: the policy does not fit the maps (the running policy stays in force).
         """
         if tables.rule_entries > abi.SLOT_RULES:
-            raise TablesError(
-                f"policy needs {tables.rule_entries} kernel rule entries; at most {abi.SLOT_RULES}"
-            )
+            raise TablesError(f"policy needs {tables.rule_entries} kernel rule entries; at most {abi.SLOT_RULES}")
         wait = self._last_flip + self.SWAP_GUARD_S - time.monotonic()
         if wait > 0:
             time.sleep(wait)
@@ -940,7 +973,11 @@ class Sensors:
         first = slot * abi.SLOT_RULES
         nxt = first + len(rules) // _RULE_PADDED.size
         same_lpm = tables.lpm_keys == contents.lpm_keys and tables.lpm_values == contents.lpm_values
-        old = contents.lpm
+        helper = native.get()
+        if not same_lpm and helper is not None and contents.lpm_keys is not None:
+            self._write_rules_natively(slot, tables, helper)
+            return
+        old = contents.lpm_entries()
         new = old
         stale: list[bytes] = []
         changed_keys: list[bytes] = []
@@ -969,11 +1006,37 @@ class Sensors:
             contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = maybe, None, None, None
             raise
         contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = (
-            new,
+            None if same_lpm else new,
             tables.lpm_keys,
             tables.lpm_values,
             rules,
         )
+
+    def _write_rules_natively(self, slot: int, tables: KernelTables, helper: native.Native) -> None:
+        """:meth:`_write_rules` for a slot whose LPM contents are known, the trie diffed and written in C."""
+        contents = self._slots[slot]
+        assert contents.lpm_keys is not None and contents.lpm_values is not None
+        old = (contents.lpm_keys, contents.lpm_values)
+        rules = tables.rules
+        first = slot * abi.SLOT_RULES
+        try:
+            if rules != contents.rules and rules:
+                nxt = first + len(rules) // _RULE_PADDED.size
+                self.maps["rules"].update_packed(array("I", range(first, nxt)).tobytes(), rules)
+            rule_nodes = self.maps["rule_nodes"]
+            new = (tables.lpm_keys, tables.lpm_values)
+            done = helper.sync(rule_nodes.fd, old, new, _LPM_KEY.size, _SLOT_OFFSET, slot, first)
+            if done.error:
+                what = "bpf_map_delete_elem" if done.phase == 1 else "bpf_map_update_elem"
+                raise errors.from_errno(f"{what}(rule_nodes)", -done.error)
+        except BaseException:
+            # Any old or new key may now be in the slot, with any value: the next write mends it all.
+            maybe = dict.fromkeys(_split_keys(old[0]), _UNKNOWN_LPM_VALUE)
+            maybe.update(dict.fromkeys(_split_keys(tables.lpm_keys), _UNKNOWN_LPM_VALUE))
+            contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = maybe, None, None, None
+            raise
+        contents.lpm, contents.lpm_keys, contents.lpm_values = None, tables.lpm_keys, tables.lpm_values
+        contents.rules = rules
 
     def _clear_slot(self, slot: int) -> None:
         """Mark ``slot`` empty and remove its subjects; its LPM nodes and rules are rewritten in place."""

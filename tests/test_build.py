@@ -18,3 +18,12 @@ def test_committed_bpf_objects_match_their_sources() -> None:
     out = subprocess.run(["make", "-s", "-C", str(REPO / "bpf"), "check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "committed objects match their sources" in out.stdout
+
+
+def test_committed_native_helper_matches_its_source() -> None:
+    """`make -C loaders/csrc check` rebuilds the policy-swap helper and compares bytes."""
+    if shutil.which("clang-19") is None:
+        pytest.fail("clang-19 is needed to check the native helper: run deploy/setup.sh --test")
+    out = subprocess.run(["make", "-s", "-C", str(REPO / "loaders" / "csrc"), "check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "committed library matches its source" in out.stdout

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Any
 
 import pytest
 
-from loaders import abi
+from loaders import abi, errors, native
 from loaders.sensors import KernelTables, build_tables
 from tests.kernel.kernel_harness import Harness
 
@@ -62,10 +63,31 @@ def active_slot(h: Harness) -> int:
     return int(U32.unpack(value)[0])
 
 
-def test_each_slot_holds_exactly_its_policy_across_swaps(h: Harness) -> None:
-    """Same policy again, a different one, one rule more, nothing: both slots always match their policy."""
+WRITERS = {"native": "1", "python": "0"}
+
+
+@pytest.fixture(params=sorted(WRITERS))
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test runs with the native helper writing the trie, and with the Python code."""
+    if request.param == "native" and native.get() is None:
+        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    monkeypatch.setenv("TOOL_NATIVE", WRITERS[request.param])
+    return str(request.param)
+
+
+@pytest.mark.parametrize("alternate", [False, True], ids=["one-writer", "writers-alternate"])
+def test_each_slot_holds_exactly_its_policy_across_swaps(
+    h: Harness, writer: str, alternate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same policy again, a different one, one rule more, nothing: both slots always match their policy.
+
+    With ``alternate``, every other swap is written by the other writer: each must start from what
+    the other left.
+    """
     previous: KernelTables | None = None
-    for rules in (A, A, B, A, A_PLUS, A_PLUS, [], B):
+    for i, rules in enumerate((A, A, B, A, A_PLUS, A_PLUS, [], B)):
+        if alternate:
+            monkeypatch.setenv("TOOL_NATIVE", WRITERS[writer] if i % 2 else str(1 - int(WRITERS[writer])))
         tables = tables_of(h, rules)
         slot = active_slot(h)
         assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
@@ -82,8 +104,7 @@ def test_a_failed_write_is_mended_by_the_next_swap(
     h: Harness, monkeypatch: pytest.MonkeyPatch, map_name: str, method: str
 ) -> None:
     """A write that fails half way keeps the running policy, and the next swaps leave no stale entry."""
-    tables_of(h, A)
-    tables_of(h, A)  # both slots hold A: swapping in B deletes A's nodes, then writes B's
+    monkeypatch.setenv("TOOL_NATIVE", "0")
     target = h.sensors.maps[map_name]
     real = getattr(target, method)
 
@@ -91,16 +112,53 @@ def test_a_failed_write_is_mended_by_the_next_swap(
         real(*args)
         raise OSError("injected")
 
-    monkeypatch.setattr(target, method, write_then_fail)
+    check_failed_write_mended(h, lambda: monkeypatch.setattr(target, method, write_then_fail), monkeypatch)
+
+
+@pytest.mark.parametrize("phase", [1, 2], ids=["deleting", "writing"])
+def test_a_native_write_that_fails_half_way_is_mended_by_the_next_swap(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, phase: int
+) -> None:
+    """The native helper stops at its first failed syscall: here half way through its deletes or its writes."""
+    helper = native.get()
+    if helper is None:
+        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    real = native.Native.sync
+
+    def half_then_fail(
+        self: native.Native, fd: int, old: tuple[bytes, bytes], new: tuple[bytes, bytes], key_size: int, *rest: int
+    ) -> native.Synced:
+        def half(keys: bytes, values: bytes) -> tuple[bytes, bytes]:
+            n = len(keys) // key_size // 2
+            return keys[: n * key_size], values[: n * 8]
+
+        if phase == 1:  # deletes half of the old nodes: as if it had stopped there
+            real(self, fd, old, (*half(*old),), key_size, *rest)
+        else:  # every delete, then half of the writes
+            real(self, fd, old, (*half(*new),), key_size, *rest)
+        return native.Synced(0, 0, -errno.EIO, 0, phase)
+
+    inject = lambda: monkeypatch.setattr(native.Native, "sync", half_then_fail)  # noqa: E731
+    check_failed_write_mended(h, inject, monkeypatch, errors.BpfError)
+
+
+def check_failed_write_mended(
+    h: Harness, inject: Any, monkeypatch: pytest.MonkeyPatch, failure: type[Exception] = OSError
+) -> None:
+    tables_of(h, A)
+    tables_of(h, A)  # both slots hold A: swapping in B deletes A's nodes, then writes B's
+    inject()
     running = active_slot(h)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(failure):
         tables_of(h, B)
     assert active_slot(h) == running
     monkeypatch.undo()
-    for rules in (A_PLUS, B, A):
-        tables = tables_of(h, rules)
-        slot = active_slot(h)
-        assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
+    for tool_native in ("1", "0", "1", "0"):
+        monkeypatch.setenv("TOOL_NATIVE", tool_native)  # each writer mends what the other left
+        for rules in (A_PLUS, B, A):
+            tables = tables_of(h, rules)
+            slot = active_slot(h)
+            assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
 
 
 def test_the_compiled_policy_swaps_in_whole(h: Harness) -> None:

@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loaders import abi
+from loaders import abi, native
 from loaders.sensors import KernelTables, TablesError, _network_bits, build_tables
 from pipeline.policy import CompiledPolicy, compile_policy, load_policy
 from pipeline.policy.ports import WELL_KNOWN_PORTS
@@ -29,6 +29,15 @@ WHOS: list[dict[str, Any] | None] = [
     None, {"exe": ["/usr/bin/curl"]}, {"user": [0]}, {"comm": ["nginx"], "group": [0]}, {"cgroup": ["/a.slice"]},
 ]  # fmt: skip
 ACTION_CODES = {"allow": abi.ACT_ALLOW, "alert": abi.ACT_ALERT, "deny-audit": abi.ACT_DENY_AUDIT, "deny": abi.ACT_DENY}
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def table_builder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: tables packed by the native helper, and by the Python code."""
+    if request.param == "native" and native.get() is None:
+        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    monkeypatch.setenv("TOOL_NATIVE", "1" if request.param == "native" else "0")
+    return str(request.param)
 
 
 @st.composite
