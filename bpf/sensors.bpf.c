@@ -134,13 +134,31 @@ struct {
 	__type(value, __u64);
 } who_comm SEC(".maps");
 
+/*
+ * The LPM nodes, one trie per slot. User space may replace the inactive slot's trie with a fresh
+ * one instead of deleting its old nodes one by one (loaders/sensors.py, Sensors._write_rules):
+ * every trie it makes has exactly the inner template's type, sizes, flags and max_entries.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 524288);
-	__type(key, struct tool_lpm_key);
-	__type(value, struct tool_lpm_value);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__array(values, struct {
+		__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+		__uint(max_entries, TOOL_SLOT_NODES);
+		__uint(key_size, sizeof(struct tool_lpm_key));
+		__uint(value_size, sizeof(struct tool_lpm_value));
+		__uint(map_flags, BPF_F_NO_PREALLOC);
+	});
 } rule_nodes SEC(".maps");
+
+/*
+ * The inner trie's key and value types, by value, so that the object's BTF describes them
+ * (tests/test_abi.py compares loaders/abi.py with it). Typed inner map definitions would do it,
+ * but libbpf cannot size a key that the BTF has only as a forward declaration.
+ */
+const volatile struct tool_lpm_key tool_btf_lpm_key;
+const volatile struct tool_lpm_value tool_btf_lpm_value;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -461,9 +479,13 @@ __noinline __u64 tool_rule_walk(__u64 sel, __u64 addr_lo, __u64 addr_hi, __u64 w
 	__builtin_memcpy(key.addr, &addr_lo, 8);
 	__builtin_memcpy(key.addr + 8, &addr_hi, 8);
 	__u32 best = TOOL_ACT_NONE, best_id = 0;
+	__u32 slot = key.slot;
+	void *nodes = bpf_map_lookup_elem(&rule_nodes, &slot);
 
+	if (!nodes)
+		return WALK_RESULT(best, best_id);
 	for (int n = 0; n < TOOL_MAX_NESTING; n++) {
-		struct tool_lpm_value *node = bpf_map_lookup_elem(&rule_nodes, &key);
+		struct tool_lpm_value *node = bpf_map_lookup_elem(nodes, &key);
 		if (!node)
 			break;
 		__u32 parent = node->parent_len;

@@ -60,6 +60,7 @@ LPM_KEY_BITS = 32
 MAX_NODE_RULES = 64
 MAX_NESTING = 16
 SLOT_RULES = 524288  # rules array entries per slot
+SLOT_NODES = 524288  # LPM nodes per slot: max_entries of each slot's trie
 
 DIRECTIONS = {"egress": DIR_EGRESS, "ingress": DIR_INGRESS, "listen": DIR_LISTEN, "raw": DIR_RAW}
 ACTIONS = {"allow": ACT_ALLOW, "alert": ACT_ALERT, "deny-audit": ACT_DENY_AUDIT, "deny": ACT_DENY}

@@ -23,6 +23,7 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE = 21
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_NO_PREALLOC = 1  # map_flags: allocate entries as they are added (required for LPM tries)
 PERCPU_TYPES = frozenset(
     {
         BPF_MAP_TYPE_PERCPU_HASH,
@@ -42,7 +43,7 @@ def _possible_cpus() -> int:
 
 
 class Map:
-    """A BPF map, either part of a :class:`BpfObject` or opened from a bpffs pin.
+    """A BPF map: part of a :class:`BpfObject`, opened from a bpffs pin, or made by :meth:`create`.
 
     Keys and values are ``bytes`` laid out as the kernel sees them (encode with ``struct``).
     """
@@ -112,19 +113,60 @@ class Map:
             os.close(fd)
             raise
 
+    @classmethod
+    def create(
+        cls, name: str, map_type: int, key_size: int, value_size: int, max_entries: int, map_flags: int = 0
+    ) -> Map:
+        """Create a map that belongs to no object (closed by :meth:`close`, freed with its last reference).
+
+        Args:
+            name: The kernel's name for it (at most 15 bytes are kept).
+            map_type: A ``BPF_MAP_TYPE_*`` number.
+            key_size: Bytes per key.
+            value_size: Bytes per value.
+            max_entries: Capacity.
+            map_flags: ``BPF_F_*`` flags.
+
+        Raises:
+            BpfError: The kernel refused it.
+        """
+        size = ffi.sizeof("struct bpf_map_create_opts")
+        opts = ffi.new("struct bpf_map_create_opts *", {"sz": size, "map_flags": map_flags})
+        libbpf = lib()
+        fd = int(
+            call(
+                f"bpf_map_create({name})",
+                libbpf.bpf_map_create,
+                map_type,
+                name.encode()[:15],
+                key_size,
+                value_size,
+                max_entries,
+                opts,
+            )
+        )
+        return cls(
+            name=name,
+            fd=fd,
+            ptr=None,
+            owner=None,
+            map_type=map_type,
+            key_size=key_size,
+            value_size=value_size,
+            max_entries=max_entries,
+        )
+
     def __enter__(self) -> Map:
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
     def __repr__(self) -> str:
         return f"Map(name={self.name!r}, type={self._type})"
 
     def close(self) -> None:
-        """Close a pinned map's fd (idempotent); a no-op for a map owned by an object."""
+        """Close a pinned or created map's fd (idempotent); a no-op for a map owned by an object."""
         fd, self._fd = self._fd, None
         if fd is not None and self._ptr is None:
             os.close(fd)

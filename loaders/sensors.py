@@ -30,6 +30,7 @@ from loaders import abi, bpffs, errors, native
 from loaders import cgroup as cg
 from loaders._ffi import ffi, lib
 from loaders.links import Link
+from loaders.maps import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE, Map
 from loaders.object import BpfObject
 
 log = structlog.get_logger("tool.sensors")
@@ -529,6 +530,67 @@ def _too_deep(key: int) -> TablesError:
     )
 
 
+def _new_trie(slot: int) -> Map:
+    """An empty LPM trie for one slot, exactly like the ``rule_nodes_trie`` template in sensors.bpf.c."""
+    return Map.create(
+        f"tool_nodes{slot}", BPF_MAP_TYPE_LPM_TRIE, _LPM_KEY.size, _LPM_VALUE.size, abi.SLOT_NODES, BPF_F_NO_PREALLOC
+    )
+
+
+@dataclass
+class _LpmPlan:
+    """The trie operations that turn a slot's nodes into a policy's: how many, and what they are.
+
+    ``writes`` counts deletes and writes. The Python path lists them (``stale`` keys to delete,
+    ``changed`` keys with their new values, ``new`` the resulting contents); the native helper
+    finds them again as it writes, from the packed tables (``native_old``: the slot's tables).
+    """
+
+    writes: int
+    stale: list[bytes] = field(default_factory=list)
+    changed: list[bytes] = field(default_factory=list)
+    changed_values: list[int] = field(default_factory=list)
+    new: dict[bytes, int] | None = None
+    native_old: tuple[bytes, bytes] | None = None
+
+
+_EMPTY_PLAN = _LpmPlan(0, native_old=(b"", b""))
+
+
+def _plan_lpm_writes(contents: _SlotContents, tables: KernelTables, helper: native.Native | None) -> _LpmPlan:
+    """What writing ``tables`` over ``contents`` takes, counted by the native helper where it can."""
+    if helper is not None and contents.lpm_keys is not None and contents.lpm_values is not None:
+        old = (contents.lpm_keys, contents.lpm_values)
+        dry = helper.sync(-1, old, (tables.lpm_keys, tables.lpm_values), _LPM_KEY.size, _SLOT_OFFSET, 0, 0)
+        return _LpmPlan(dry.deleted + dry.written, native_old=old)
+    old_entries = contents.lpm_entries()
+    keys = _split_keys(tables.lpm_keys)
+    values = struct.unpack(f"<{len(keys)}Q", tables.lpm_values)
+    new = dict(zip(keys, values, strict=True))
+    stale = list(itertools.filterfalse(new.__contains__, old_entries)) if old_entries else []
+    differs = list(map(operator.ne, map(old_entries.get, keys), values)) if old_entries else [True] * len(keys)
+    changed = list(itertools.compress(keys, differs))
+    return _LpmPlan(len(stale) + len(changed), stale, changed, list(itertools.compress(values, differs)), new)
+
+
+def _write_lpm(trie: Map, plan: _LpmPlan, tables: KernelTables, slot: int, helper: native.Native | None) -> None:
+    """Carry out ``plan`` on ``trie`` (``_EMPTY_PLAN``: write every node of ``tables`` into an empty trie)."""
+    if helper is not None and plan.native_old is not None:
+        new = (tables.lpm_keys, tables.lpm_values)
+        done = helper.sync(trie.fd, plan.native_old, new, _LPM_KEY.size, _SLOT_OFFSET, slot, slot * abi.SLOT_RULES)
+        if done.error:
+            what = "bpf_map_delete_elem" if done.phase == 1 else "bpf_map_update_elem"
+            raise errors.from_errno(f"{what}({trie.name})", -done.error)
+        return
+    if plan is _EMPTY_PLAN:
+        keys = _split_keys(tables.lpm_keys)
+        plan = _LpmPlan(len(keys), [], list(keys), list(struct.unpack(f"<{len(keys)}Q", tables.lpm_values)))
+    if plan.stale:
+        trie.delete_packed(_keys_in_slot(plan.stale, slot))
+    if plan.changed:
+        trie.update_packed(_keys_in_slot(plan.changed, slot), _values_in_slot(plan.changed_values, slot))
+
+
 @dataclass
 class _SlotContents:
     """What one slot holds, so that the next write into it changes only what differs.
@@ -653,6 +715,7 @@ class Sensors:
         self._generation = 0
         self._last_flip = 0.0
         self._bench = False
+        self._tries: list[Map | None] = [None, None]  # each slot's LPM trie, in rule_nodes
         self.maps = {
             name: obj.map(name)
             for name in (
@@ -770,6 +833,8 @@ class Sensors:
         return self
 
     def _configure(self, mode: str, flow_interval_ms: int) -> None:
+        for slot in (0, 1):
+            self._install_trie(slot, _new_trie(slot))
         cfg = self.maps["config"]
         cfg.update(_U32.pack(abi.CFG_ACTIVE_SLOT), _U32.pack(0))
         cfg.update(_U32.pack(abi.CFG_FLOW_INTERVAL_MS), _U32.pack(flow_interval_ms))
@@ -961,82 +1026,66 @@ class Sensors:
         self._last_flip = time.monotonic()
         return self._generation
 
+    def rule_nodes(self, slot: int) -> Map:
+        """The LPM trie that ``slot``'s decisions look their nodes up in (``rule_nodes[slot]``)."""
+        trie = self._tries[slot]
+        if trie is None:
+            raise ValueError("the sensors are closed")
+        return trie
+
+    def _install_trie(self, slot: int, trie: Map) -> None:
+        """Make ``trie`` the LPM trie of ``slot`` (which must be inactive) and let the kernel free the old one."""
+        self.maps["rule_nodes"].update(_U32.pack(slot), _U32.pack(trie.fd))
+        old, self._tries[slot] = self._tries[slot], trie
+        if old is not None:
+            old.close()  # rule_nodes held the other reference: the kernel frees it after a grace period
+
     def _write_rules(self, slot: int, tables: KernelTables) -> None:
         """Write the rules and the LPM nodes that point at them into ``slot``, changing only what differs.
 
         The slot is inactive, so its old entries can be rewritten in any order: LPM entries the new
         policy does not have are deleted, new or changed ones written, identical ones left alone.
-        Both go to the kernel in key order, which its trie handles faster than a random one.
+        When that would take more trie operations than the new policy has nodes (a policy that
+        changes most addresses), the nodes go into a fresh trie instead, which then replaces the
+        slot's: the kernel frees the old trie in the background, so a swap never waits for 100k
+        deletes. Nodes go to the kernel in key order, which its trie handles faster.
         """
         contents = self._slots[slot]
         rules = tables.rules
         first = slot * abi.SLOT_RULES
-        nxt = first + len(rules) // _RULE_PADDED.size
         same_lpm = tables.lpm_keys == contents.lpm_keys and tables.lpm_values == contents.lpm_values
         helper = native.get()
-        if not same_lpm and helper is not None and contents.lpm_keys is not None:
-            self._write_rules_natively(slot, tables, helper)
-            return
-        old = contents.lpm_entries()
-        new = old
-        stale: list[bytes] = []
-        changed_keys: list[bytes] = []
-        if not same_lpm:
-            keys = _split_keys(tables.lpm_keys)
-            values = struct.unpack(f"<{len(keys)}Q", tables.lpm_values)
-            new = dict(zip(keys, values, strict=True))
-            stale = list(itertools.filterfalse(new.__contains__, old)) if old else []
-            differs = list(map(operator.ne, map(old.get, keys), values)) if old else [True] * len(keys)
-            changed_keys = list(itertools.compress(keys, differs))
-            changed_values = list(itertools.compress(values, differs))
+        new_nodes = len(tables.lpm_keys) // _LPM_KEY.size
+        trie = self.rule_nodes(slot)
+        plan = None if same_lpm else _plan_lpm_writes(contents, tables, helper)
         try:
             if rules != contents.rules and rules:
-                self.maps["rules"].update_packed(array("I", range(first, nxt)).tobytes(), rules)
-            if stale:
-                self.maps["rule_nodes"].delete_packed(_keys_in_slot(stale, slot))
-            if changed_keys:
-                rule_nodes = self.maps["rule_nodes"]
-                rule_nodes.update_packed(_keys_in_slot(changed_keys, slot), _values_in_slot(changed_values, slot))
+                indexes = array("I", range(first, first + len(rules) // _RULE_PADDED.size))
+                self.maps["rules"].update_packed(indexes.tobytes(), rules)
+            if plan is None:
+                pass
+            elif plan.writes > new_nodes:
+                fresh = _new_trie(slot)
+                try:
+                    _write_lpm(fresh, _EMPTY_PLAN, tables, slot, helper)
+                except BaseException:
+                    fresh.close()
+                    raise
+                self._install_trie(slot, fresh)
+            else:
+                _write_lpm(trie, plan, tables, slot, helper)
         except BaseException:
-            # The slot may now hold any of the old and new entries: record that, so that the next
-            # write into it mends whatever this one left.
-            maybe = dict(old)
-            maybe.update(dict.fromkeys(stale, _UNKNOWN_LPM_VALUE))
-            maybe.update(dict.fromkeys(changed_keys, _UNKNOWN_LPM_VALUE))
-            contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = maybe, None, None, None
+            contents.rules = None
+            if plan is not None and 0 < plan.writes <= new_nodes:
+                # The slot's trie may now hold any of the old and new entries, with any value:
+                # record that, so that the next write into it mends whatever this one left.
+                # (A fresh trie that failed was dropped: the slot's own is as it was.)
+                maybe = dict.fromkeys(contents.lpm_entries(), _UNKNOWN_LPM_VALUE)
+                maybe.update(dict.fromkeys(_split_keys(tables.lpm_keys), _UNKNOWN_LPM_VALUE))
+                contents.lpm, contents.lpm_keys, contents.lpm_values = maybe, None, None
             raise
-        contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = (
-            None if same_lpm else new,
-            tables.lpm_keys,
-            tables.lpm_values,
-            rules,
-        )
-
-    def _write_rules_natively(self, slot: int, tables: KernelTables, helper: native.Native) -> None:
-        """:meth:`_write_rules` for a slot whose LPM contents are known, the trie diffed and written in C."""
-        contents = self._slots[slot]
-        assert contents.lpm_keys is not None and contents.lpm_values is not None
-        old = (contents.lpm_keys, contents.lpm_values)
-        rules = tables.rules
-        first = slot * abi.SLOT_RULES
-        try:
-            if rules != contents.rules and rules:
-                nxt = first + len(rules) // _RULE_PADDED.size
-                self.maps["rules"].update_packed(array("I", range(first, nxt)).tobytes(), rules)
-            rule_nodes = self.maps["rule_nodes"]
-            new = (tables.lpm_keys, tables.lpm_values)
-            done = helper.sync(rule_nodes.fd, old, new, _LPM_KEY.size, _SLOT_OFFSET, slot, first)
-            if done.error:
-                what = "bpf_map_delete_elem" if done.phase == 1 else "bpf_map_update_elem"
-                raise errors.from_errno(f"{what}(rule_nodes)", -done.error)
-        except BaseException:
-            # Any old or new key may now be in the slot, with any value: the next write mends it all.
-            maybe = dict.fromkeys(_split_keys(old[0]), _UNKNOWN_LPM_VALUE)
-            maybe.update(dict.fromkeys(_split_keys(tables.lpm_keys), _UNKNOWN_LPM_VALUE))
-            contents.lpm, contents.lpm_keys, contents.lpm_values, contents.rules = maybe, None, None, None
-            raise
-        contents.lpm, contents.lpm_keys, contents.lpm_values = None, tables.lpm_keys, tables.lpm_values
-        contents.rules = rules
+        contents.lpm = None if plan is None or plan.new is None else plan.new
+        contents.lpm_keys, contents.lpm_values, contents.rules = tables.lpm_keys, tables.lpm_values, rules
 
     def _clear_slot(self, slot: int) -> None:
         """Mark ``slot`` empty and remove its subjects; its LPM nodes and rules are rewritten in place."""
@@ -1063,6 +1112,10 @@ class Sensors:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
+        for trie in self._tries:
+            if trie is not None:
+                trie.close()
+        self._tries = [None, None]
         self.obj.close()
 
     def __enter__(self) -> Sensors:

@@ -213,6 +213,7 @@ struct tool_lpm_value {
 };
 #define TOOL_MAX_NODE_RULES 64
 #define TOOL_MAX_NESTING 16
+#define TOOL_SLOT_NODES 524288 /* LPM nodes per slot (the trie's max_entries) */
 
 /* One rule of a node (24 bytes). */
 struct tool_rule {

@@ -21,3 +21,17 @@ int bpf_map_update_batch(int fd, const void *keys, const void *values, uint32_t 
 int bpf_map_delete_batch(int fd, const void *keys, uint32_t *count, const void *opts);
 int bpf_obj_pin(int fd, const char *pathname);
 int bpf_obj_get(const char *pathname);
+struct bpf_map_create_opts {
+    size_t sz;
+    uint32_t btf_fd;
+    uint32_t btf_key_type_id;
+    uint32_t btf_value_type_id;
+    uint32_t btf_vmlinux_value_type_id;
+    uint32_t inner_map_fd;
+    uint32_t map_flags;
+    uint64_t map_extra;
+    uint32_t numa_node;
+    uint32_t map_ifindex;
+};
+int bpf_map_create(int map_type, const char *map_name, uint32_t key_size, uint32_t value_size,
+                   uint32_t max_entries, const struct bpf_map_create_opts *opts);

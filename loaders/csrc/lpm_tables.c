@@ -307,6 +307,8 @@ struct sync_result {
  * packed for slot 0; the slot byte at `slot_offset` is patched on the way, and `value_add` is
  * added to every new value (the slot's offset into the rules array). Stops at the first failure
  * (an absent key when deleting is not one) and says where in `res`. Returns res->error.
+ * With fd < 0 nothing is written: `res` counts what would be (to choose between this and a fresh
+ * trie).
  */
 EXPORT int32_t tool_lpm_sync(int fd, const uint8_t *old_keys, const uint8_t *old_values, uint32_t n_old,
 			     const uint8_t *new_keys, const uint8_t *new_values, uint32_t n_new, uint32_t key_size,
@@ -328,7 +330,7 @@ EXPORT int32_t tool_lpm_sync(int fd, const uint8_t *old_keys, const uint8_t *old
 		if (c > 0) {
 			memcpy(key, o, key_size);
 			key[slot_offset] = slot;
-			long err = map_delete(fd, key);
+			long err = fd < 0 ? 0 : map_delete(fd, key);
 			if (err == 0)
 				res->deleted++;
 			else if (err != -E_NOENT) {
@@ -354,7 +356,7 @@ EXPORT int32_t tool_lpm_sync(int fd, const uint8_t *old_keys, const uint8_t *old
 		memcpy(key, k, key_size);
 		key[slot_offset] = slot;
 		value += value_add;
-		long err = map_update(fd, key, &value);
+		long err = fd < 0 ? 0 : map_update(fd, key, &value);
 		if (err != 0) {
 			res->error = (int32_t)err;
 			res->failed = j;

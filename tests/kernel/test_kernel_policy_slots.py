@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import struct
+import subprocess
+import time
 from typing import Any
 
 import pytest
 
 from loaders import abi, errors, native
+from loaders.maps import Map
 from loaders.sensors import KernelTables, build_tables
 from tests.kernel.kernel_harness import Harness
 
@@ -48,10 +51,18 @@ def expected_slot(tables: KernelTables, slot: int) -> tuple[dict[bytes, bytes], 
     return entries, rules
 
 
+def map_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("map_id:"))
+
+
 def slot_contents(h: Harness, slot: int, rule_count: int) -> tuple[dict[bytes, bytes], list[bytes]]:
     """What the kernel maps hold for ``slot``: its LPM entries and the first ``rule_count`` rules."""
-    nodes = h.sensors.maps["rule_nodes"]
-    entries = {key: nodes.lookup(key) or b"" for key in nodes.keys() if key[4] == slot}
+    nodes = h.sensors.rule_nodes(slot)
+    # The programs look the slot's nodes up in the trie that rule_nodes[slot] holds (by map id).
+    assert h.sensors.maps["rule_nodes"].lookup(U32.pack(slot)) == U32.pack(map_id(nodes.fd))
+    entries = {key: nodes.lookup(key) or b"" for key in nodes.keys()}
+    assert all(key[4] == slot for key in entries)
     rules = h.sensors.maps["rules"]
     first = slot * abi.SLOT_RULES
     return entries, [rules.lookup(U32.pack(first + i)) or b"" for i in range(rule_count)]
@@ -96,28 +107,47 @@ def test_each_slot_holds_exactly_its_policy_across_swaps(
         previous = tables
 
 
+# Two kinds of change: an edit is written as a difference into the slot's trie; a replacement
+# (more trie operations than new nodes) goes into a fresh trie that then takes the slot's place.
+BIG = [deny(f"big{i}", f"203.0.113.{i}") for i in range(12)]
+EDITED = [*BIG[2:], deny("new1", "198.51.100.1"), deny("new2", "198.51.100.2")]
+CHANGES = {"edit": (BIG, EDITED), "replace": (A, B)}
+
+
 @pytest.mark.parametrize(
-    ("map_name", "method"),
-    [("rule_nodes", "delete_packed"), ("rule_nodes", "update_packed"), ("rules", "update_packed")],
+    ("change", "map_name", "method"),
+    [
+        ("edit", "tool_nodes", "delete_packed"),
+        ("edit", "tool_nodes", "update_packed"),
+        ("replace", "tool_nodes", "update_packed"),
+        ("edit", "rules", "update_packed"),
+        ("replace", "rules", "update_packed"),
+    ],
 )
 def test_a_failed_write_is_mended_by_the_next_swap(
-    h: Harness, monkeypatch: pytest.MonkeyPatch, map_name: str, method: str
+    h: Harness, monkeypatch: pytest.MonkeyPatch, change: str, map_name: str, method: str
 ) -> None:
     """A write that fails half way keeps the running policy, and the next swaps leave no stale entry."""
     monkeypatch.setenv("TOOL_NATIVE", "0")
-    target = h.sensors.maps[map_name]
-    real = getattr(target, method)
+    real = getattr(Map, method)
+    failed: list[str] = []
 
-    def write_then_fail(*args: Any) -> None:
-        real(*args)
-        raise OSError("injected")
+    def write_then_fail(self: Map, *args: Any) -> Any:
+        result = real(self, *args)
+        if self.name.startswith(map_name):
+            failed.append(self.name)
+            raise OSError("injected")
+        return result
 
-    check_failed_write_mended(h, lambda: monkeypatch.setattr(target, method, write_then_fail), monkeypatch)
+    inject = lambda: monkeypatch.setattr(Map, method, write_then_fail)  # noqa: E731
+    check_failed_write_mended(h, CHANGES[change], inject, monkeypatch)
+    assert failed, "the injected failure never happened"
 
 
+@pytest.mark.parametrize("change", sorted(CHANGES))
 @pytest.mark.parametrize("phase", [1, 2], ids=["deleting", "writing"])
 def test_a_native_write_that_fails_half_way_is_mended_by_the_next_swap(
-    h: Harness, monkeypatch: pytest.MonkeyPatch, phase: int
+    h: Harness, monkeypatch: pytest.MonkeyPatch, change: str, phase: int
 ) -> None:
     """The native helper stops at its first failed syscall: here half way through its deletes or its writes."""
     helper = native.get()
@@ -128,6 +158,9 @@ def test_a_native_write_that_fails_half_way_is_mended_by_the_next_swap(
     def half_then_fail(
         self: native.Native, fd: int, old: tuple[bytes, bytes], new: tuple[bytes, bytes], key_size: int, *rest: int
     ) -> native.Synced:
+        if fd < 0:  # counting what a write would take
+            return real(self, fd, old, new, key_size, *rest)
+
         def half(keys: bytes, values: bytes) -> tuple[bytes, bytes]:
             n = len(keys) // key_size // 2
             return keys[: n * key_size], values[: n * 8]
@@ -139,23 +172,28 @@ def test_a_native_write_that_fails_half_way_is_mended_by_the_next_swap(
         return native.Synced(0, 0, -errno.EIO, 0, phase)
 
     inject = lambda: monkeypatch.setattr(native.Native, "sync", half_then_fail)  # noqa: E731
-    check_failed_write_mended(h, inject, monkeypatch, errors.BpfError)
+    check_failed_write_mended(h, CHANGES[change], inject, monkeypatch, errors.BpfError)
 
 
 def check_failed_write_mended(
-    h: Harness, inject: Any, monkeypatch: pytest.MonkeyPatch, failure: type[Exception] = OSError
+    h: Harness,
+    change: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+    inject: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: type[Exception] = OSError,
 ) -> None:
-    tables_of(h, A)
-    tables_of(h, A)  # both slots hold A: swapping in B deletes A's nodes, then writes B's
+    before, after = change
+    tables_of(h, before)
+    tables_of(h, before)  # both slots hold `before`
     inject()
     running = active_slot(h)
     with pytest.raises(failure):
-        tables_of(h, B)
+        tables_of(h, after)
     assert active_slot(h) == running
     monkeypatch.undo()
     for tool_native in ("1", "0", "1", "0"):
         monkeypatch.setenv("TOOL_NATIVE", tool_native)  # each writer mends what the other left
-        for rules in (A_PLUS, B, A):
+        for rules in (A_PLUS, after, before, EDITED, A):
             tables = tables_of(h, rules)
             slot = active_slot(h)
             assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
@@ -169,6 +207,34 @@ def test_the_compiled_policy_swaps_in_whole(h: Harness) -> None:
     slot = active_slot(h)
     assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
     # Three nested prefixes, each for TCP and UDP: each node's parent is the one around it.
-    assert sorted(n.parent_len for n in tables.nodes) == [0, 0] + [abi.LPM_KEY_BITS + 104] * 2 + [
-        abi.LPM_KEY_BITS + 112
-    ] * 2
+    assert (
+        sorted(n.parent_len for n in tables.nodes)
+        == [0, 0] + [abi.LPM_KEY_BITS + 104] * 2 + [abi.LPM_KEY_BITS + 112] * 2
+    )
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_replaced_policy_gets_a_fresh_trie_and_the_old_one_is_freed(h: Harness, writer: str, change: str) -> None:
+    """An edit is written into the slot's trie; a replacement into a new trie, and the kernel frees the old one."""
+    before, after = CHANGES[change]
+    tables_of(h, before)
+    tables_of(h, before)
+    slot = 1 - active_slot(h)  # where `after` goes
+    old_id = map_id(h.sensors.rule_nodes(slot).fd)
+    tables = tables_of(h, after)
+    assert active_slot(h) == slot
+    assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
+    new_id = map_id(h.sensors.rule_nodes(slot).fd)
+    if change == "edit":
+        assert new_id == old_id
+        return
+    assert new_id != old_id
+    deadline = time.monotonic() + 10
+    while map_exists(old_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not map_exists(old_id), f"the replaced trie (map id {old_id}) is still allocated"
+
+
+def map_exists(ident: int) -> bool:
+    out = subprocess.run(["bpftool", "map", "show", "id", str(ident)], capture_output=True, text=True)
+    return out.returncode == 0
