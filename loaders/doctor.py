@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -235,11 +236,18 @@ def check_native() -> Check:
         return Check("native helper", OK, f"loaded {path}", required=False)
     if os.environ.get("TOOL_NATIVE") == "0":
         return Check("native helper", INFO, "turned off by TOOL_NATIVE=0", required=False)
+    if platform.machine() not in native.BUILT_FOR:
+        return Check(
+            "native helper",
+            INFO,
+            f"none is built for {platform.machine()}: policy swaps run in Python (the same result, slower)",
+            required=False,
+        )
     return Check(
         "native helper",
         WARN,
-        f"{path} is missing or cannot be loaded: policy swaps run in Python, about 1.5x slower for 100k rules",
-        "build it with `make -C loaders/csrc` (needs clang-19) for this architecture",
+        f"{path} is missing or cannot be loaded: policy swaps run in Python (the same result, slower)",
+        "reinstall the package; from a source checkout, `make -C loaders/csrc` (needs clang-19) rebuilds it",
         required=False,
     )
 

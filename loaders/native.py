@@ -3,11 +3,13 @@
 ``loaders/objects/libtool_lpm.<machine>.so`` is built from ``loaders/csrc/lpm_tables.c`` and
 committed, like the BPF objects. It needs no libc, so one build serves every Linux of its
 architecture. Where it is absent (another architecture) or ``TOOL_NATIVE=0`` is set, :func:`get`
-returns None and the callers do the same work in Python, slower (docs/performance.md).
+returns None and the callers do the same work in Python: the same bytes, about half a second
+slower for 100k rules on the test VM (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import threading
@@ -29,6 +31,9 @@ int32_t tool_lpm_sync(int fd, const uint8_t *old_keys, const uint8_t *old_values
                       const uint8_t *new_keys, const uint8_t *new_values, uint32_t n_new, uint32_t key_size,
                       uint32_t slot_offset, uint8_t slot, uint64_t value_add, struct sync_result *res);
 """
+
+BUILT_FOR = ("x86_64",)
+"""Architectures with a committed build (``platform.machine()`` names); elsewhere the Python path runs."""
 
 ffi = cffi.FFI()
 ffi.cdef(_CDEF)
@@ -138,10 +143,19 @@ class Native:
         slot: int,
         value_add: int,
     ) -> Synced:
-        """Make a trie slot that holds ``old`` (keys, values) hold ``new``, writing only the difference."""
+        """Make a trie that holds ``old`` (keys, values) hold ``new``, writing only the difference.
+
+        Both are packed for slot 0 and sorted, as :meth:`pack` leaves them; ``fd`` -1 only counts.
+
+        Raises:
+            ValueError: buffers that are not whole keys and values, or keys out of order.
+        """
         res: Any = ffi.new("struct sync_result *")
         old_keys, old_values = old
         new_keys, new_values = new
+        for keys, values in (old, new):
+            if len(keys) % key_size or len(values) != len(keys) // key_size * 8:
+                raise ValueError(f"native helper: {len(keys)} bytes of keys and {len(values)} of values")
         self.lib.tool_lpm_sync(
             fd,
             old_keys,
@@ -156,4 +170,6 @@ class Native:
             value_add,
             res,
         )
+        if res.error == -errno.EINVAL and res.phase == 0:
+            raise ValueError(f"native helper: keys not in ascending order, or a key size other than {key_size}")
         return Synced(res.deleted, res.written, res.error, res.failed, res.phase)

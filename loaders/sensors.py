@@ -16,6 +16,7 @@ import operator
 import os
 import socket
 import struct
+import threading
 import time
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
@@ -322,7 +323,7 @@ def _pack_nodes(t: KernelTables, entries: Sequence[Any]) -> None:
 
 
 def _pack_nodes_natively(t: KernelTables, groups: dict[int, bytes], helper: native.Native) -> None:
-    """:func:`_pack_nodes`'s sorting, linking and values in the native helper: the same bytes, a third of the time."""
+    """:func:`_pack_nodes`'s sorting, linking and values in the native helper: the same bytes, faster."""
     node_keys = list(groups)
     node_rules = list(groups.values())
     packed = helper.pack(
@@ -531,7 +532,7 @@ def _too_deep(key: int) -> TablesError:
 
 
 def _new_trie(slot: int) -> Map:
-    """An empty LPM trie for one slot, exactly like the ``rule_nodes_trie`` template in sensors.bpf.c."""
+    """An empty LPM trie for one slot, exactly like the inner map template of ``rule_nodes`` in sensors.bpf.c."""
     return Map.create(
         f"tool_nodes{slot}", BPF_MAP_TYPE_LPM_TRIE, _LPM_KEY.size, _LPM_VALUE.size, abi.SLOT_NODES, BPF_F_NO_PREALLOC
     )
@@ -579,8 +580,10 @@ def _write_lpm(trie: Map, plan: _LpmPlan, tables: KernelTables, slot: int, helpe
         new = (tables.lpm_keys, tables.lpm_values)
         done = helper.sync(trie.fd, plan.native_old, new, _LPM_KEY.size, _SLOT_OFFSET, slot, slot * abi.SLOT_RULES)
         if done.error:
-            what = "bpf_map_delete_elem" if done.phase == 1 else "bpf_map_update_elem"
-            raise errors.from_errno(f"{what}({trie.name})", -done.error)
+            deleting = done.phase == 1
+            what = "bpf_map_delete_elem" if deleting else "bpf_map_update_elem"
+            where = f"node {done.failed + 1} of {len((plan.native_old if deleting else new)[0]) // _LPM_KEY.size}"
+            raise errors.from_errno(f"{what}({trie.name}, {where})", -done.error)
         return
     if plan is _EMPTY_PLAN:
         keys = _split_keys(tables.lpm_keys)
@@ -703,6 +706,8 @@ class Sensors:
 
     # Minimum time between two slot flips, so that no program still reads a slot being rewritten.
     SWAP_GUARD_S = 0.05
+    # How long a slot's replaced trie is kept before its last reference is closed (_install_trie).
+    RETIRE_S = 2.0
 
     def __init__(self, obj: BpfObject, cgroup_path: str) -> None:
         self.obj = obj
@@ -716,6 +721,7 @@ class Sensors:
         self._last_flip = 0.0
         self._bench = False
         self._tries: list[Map | None] = [None, None]  # each slot's LPM trie, in rule_nodes
+        self._retiring: list[tuple[threading.Timer, Map]] = []  # replaced tries, closed a little later
         self.maps = {
             name: obj.map(name)
             for name in (
@@ -834,7 +840,7 @@ class Sensors:
 
     def _configure(self, mode: str, flow_interval_ms: int) -> None:
         for slot in (0, 1):
-            self._install_trie(slot, _new_trie(slot))
+            self._install_trie(slot, _new_trie(slot))  # closes the new trie if it cannot install it
         cfg = self.maps["config"]
         cfg.update(_U32.pack(abi.CFG_ACTIVE_SLOT), _U32.pack(0))
         cfg.update(_U32.pack(abi.CFG_FLOW_INTERVAL_MS), _U32.pack(flow_interval_ms))
@@ -1026,19 +1032,36 @@ class Sensors:
         self._last_flip = time.monotonic()
         return self._generation
 
-    def rule_nodes(self, slot: int) -> Map:
-        """The LPM trie that ``slot``'s decisions look their nodes up in (``rule_nodes[slot]``)."""
+    def slot_trie(self, slot: int) -> Map:
+        """The LPM trie that ``slot``'s decisions look their nodes up in: the one ``rule_nodes[slot]`` holds."""
         trie = self._tries[slot]
         if trie is None:
             raise ValueError("the sensors are closed")
         return trie
 
     def _install_trie(self, slot: int, trie: Map) -> None:
-        """Make ``trie`` the LPM trie of ``slot`` (which must be inactive) and let the kernel free the old one."""
-        self.maps["rule_nodes"].update(_U32.pack(slot), _U32.pack(trie.fd))
+        """Make ``trie`` (owned by the call from now on) the LPM trie of the inactive ``slot``.
+
+        The replaced trie's last reference is closed :data:`RETIRE_S` later, not now: kernels before
+        6.8 free an inner map as soon as its last reference goes, without waiting for programs
+        that may still hold it. None should (the slot has been inactive for at least
+        ``SWAP_GUARD_S``), and the delay makes that a matter of seconds, not of microseconds.
+        """
+        try:
+            self.maps["rule_nodes"].update(_U32.pack(slot), _U32.pack(trie.fd))
+        except BaseException:
+            trie.close()
+            raise
         old, self._tries[slot] = self._tries[slot], trie
         if old is not None:
-            old.close()  # rule_nodes held the other reference: the kernel frees it after a grace period
+            self._retire(old)
+
+    def _retire(self, trie: Map) -> None:
+        timer = threading.Timer(self.RETIRE_S, trie.close)
+        timer.daemon = True
+        self._retiring = [(t, m) for t, m in self._retiring if t.is_alive()]
+        self._retiring.append((timer, trie))
+        timer.start()
 
     def _write_rules(self, slot: int, tables: KernelTables) -> None:
         """Write the rules and the LPM nodes that point at them into ``slot``, changing only what differs.
@@ -1056,7 +1079,7 @@ class Sensors:
         same_lpm = tables.lpm_keys == contents.lpm_keys and tables.lpm_values == contents.lpm_values
         helper = native.get()
         new_nodes = len(tables.lpm_keys) // _LPM_KEY.size
-        trie = self.rule_nodes(slot)
+        trie = self.slot_trie(slot)
         plan = None if same_lpm else _plan_lpm_writes(contents, tables, helper)
         try:
             if rules != contents.rules and rules:
@@ -1088,7 +1111,7 @@ class Sensors:
         contents.lpm_keys, contents.lpm_values, contents.rules = tables.lpm_keys, tables.lpm_values, rules
 
     def _clear_slot(self, slot: int) -> None:
-        """Mark ``slot`` empty and remove its subjects; its LPM nodes and rules are rewritten in place."""
+        """Mark ``slot`` empty and remove its subjects; :meth:`_write_rules` then brings its nodes and rules over."""
         c = self._slots[slot]
         # Mark the slot empty first (generation 0: programs ignore it).
         self.maps["slot_cfg"].update(_U32.pack(slot), bytes(abi.SLOT_CFG.size))
@@ -1112,10 +1135,13 @@ class Sensors:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
+        for timer, retired in self._retiring:  # the programs are detached: nothing reads them now
+            timer.cancel()
+            retired.close()
         for trie in self._tries:
             if trie is not None:
                 trie.close()
-        self._tries = [None, None]
+        self._retiring, self._tries = [], [None, None]
         self.obj.close()
 
     def __enter__(self) -> Sensors:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+from typing import Any
 
 import pytest
 
@@ -37,3 +39,18 @@ def require_kernel() -> None:
     if os.environ.get("REQUIRE_BPF") == "1":
         pytest.fail(f"REQUIRE_BPF=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_native() -> Any:
+    """The native helper, on an architecture it is built for; elsewhere the test is skipped with the reason.
+
+    A missing library on an architecture it is committed for fails: that is a broken checkout.
+    """
+    from loaders import native
+
+    helper = native.get()
+    if helper is not None:
+        return helper
+    if platform.machine() not in native.BUILT_FOR:
+        pytest.skip(f"no native helper is built for {platform.machine()}: the Python writer runs there")
+    pytest.fail(f"the native helper is missing or does not load: {native.library_path()} (make -C loaders/csrc)")

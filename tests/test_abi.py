@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -63,3 +64,19 @@ def test_flat_records_match_their_layouts() -> None:
     """The one-unpack decoders cover exactly the event structs."""
     assert abi.CONN_RECORD.size == struct_named("tool_conn_event")["size"]
     assert abi.EXEC_RECORD.size == struct_named("tool_exec_event")["size"]
+
+
+@pytest.mark.parametrize(
+    ("define", "value"),
+    [
+        ("TOOL_SLOT_NODES", abi.SLOT_NODES),
+        ("TOOL_MAX_NESTING", abi.MAX_NESTING),
+        ("TOOL_LPM_KEY_BITS", abi.LPM_KEY_BITS),
+    ],
+)
+def test_constants_match_the_header(define: str, value: int) -> None:
+    """Python builds maps and tables with these (a fresh trie must match rule_nodes' inner template exactly)."""
+    header = (OBJECT_PATH.parents[2] / "bpf" / "include" / "tool_abi.h").read_text()
+    found = re.search(rf"^#define {define} (\d+)", header, re.MULTILINE)
+    assert found is not None, f"{define} is not defined in tool_abi.h"
+    assert int(found.group(1)) == value

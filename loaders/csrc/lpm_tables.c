@@ -16,9 +16,10 @@
 #include <stdint.h>
 #include <stddef.h>
 
-#define KEY_MAX 64
+#define KEY_SIZE 24     /* struct tool_lpm_key */
 #define ADDR_OFFSET 8   /* the address within a key */
 #define HEAD 8          /* prefix length, slot, direction, protocol, pad */
+#define MAX_NODES (1u << 24) /* far above any slot (TOOL_SLOT_NODES), far below overflows */
 #define KEY_BITS 32     /* TOOL_LPM_KEY_BITS: the head's share of a prefix length */
 
 #define E_INVAL 22
@@ -96,12 +97,13 @@ static uint64_t load_u64(const uint8_t *p)
 	return v;
 }
 
+/* The caller says what it packed: only struct tool_lpm_key's size is handled. */
 static int key_size_ok(uint32_t size)
 {
-	return size >= HEAD + 16 && size <= KEY_MAX && size % 8 == 0;
+	return size == KEY_SIZE;
 }
 
-/* Keys are compared as big-endian words: their sizes are whole words (checked on entry). */
+/* Keys are compared as big-endian words (KEY_SIZE is three of them). */
 static int key_cmp(const uint8_t *a, const uint8_t *b, uint32_t size)
 {
 	for (uint32_t i = 0; i < size; i += 8) {
@@ -187,13 +189,13 @@ struct run {
  * For each of the n sorted keys, the prefix length of its nearest enclosing key of the same
  * slot, direction and protocol, or 0 when none encloses it, into parent_len[].
  *
- * Keys come in runs of one prefix length and group; `runs` has room for `max_runs` of them.
+ * Keys come in runs of one prefix length and group; `runs` has room for n of them (the most there
+ * can be).
  * `nesting` gets, per node, how many keys enclose it. Returns the index of the first node (in
- * key order) enclosed by `max_nesting` or more keys, -1 when none is, -EINVAL - 1 (below -1) for
- * a bad size or too many runs.
+ * key order) enclosed by `max_nesting` or more keys, or -1 when none is.
  */
 static int64_t link_parents(const uint8_t *sorted, uint32_t n, uint32_t key_size, uint16_t *parent_len,
-			    uint16_t *nesting, struct run *runs, uint32_t max_runs, uint32_t max_nesting)
+			    uint16_t *nesting, struct run *runs, uint32_t max_nesting)
 {
 	uint32_t count = 0;
 	for (uint32_t i = 0; i < n;) {
@@ -201,8 +203,6 @@ static int64_t link_parents(const uint8_t *sorted, uint32_t n, uint32_t key_size
 		uint32_t j = i + 1;
 		while (j < n && key_cmp(sorted + (size_t)j * key_size, k, HEAD) == 0)
 			j++;
-		if (count == max_runs)
-			return -1 - E_INVAL;
 		runs[count].start = i;
 		runs[count].end = j;
 		runs[count].length = k[0] | (uint32_t)k[1] << 8 | (uint32_t)k[2] << 16 | (uint32_t)k[3] << 24;
@@ -211,7 +211,7 @@ static int64_t link_parents(const uint8_t *sorted, uint32_t n, uint32_t key_size
 		i = j;
 	}
 	int64_t first_too_deep = -1;
-	uint8_t probe[KEY_MAX];
+	uint8_t probe[KEY_SIZE];
 	/* Runs are in ascending length, so an enclosing node is in an earlier run and has its count. */
 	for (uint32_t r = 0; r < count; r++) {
 		const struct run *run = &runs[r];
@@ -267,7 +267,7 @@ EXPORT int tool_lpm_pack(const uint8_t *keys, const uint32_t *sizes, uint32_t n,
 			 uint8_t *values, uint64_t *work, struct run *runs, uint16_t *parent_len,
 			 uint16_t *nesting, struct pack_result *res)
 {
-	if (!key_size_ok(key_size) || rule_size == 0)
+	if (!key_size_ok(key_size) || rule_size == 0 || n > MAX_NODES)
 		return -E_INVAL;
 	uint32_t stride = key_size / 8 + 1;
 	const uint64_t *records = sort_records(keys, n, key_size, work, work + (size_t)n * stride);
@@ -275,9 +275,7 @@ EXPORT int tool_lpm_pack(const uint8_t *keys, const uint32_t *sizes, uint32_t n,
 		order[i] = (uint32_t)records[(size_t)i * stride + stride - 1];
 		memcpy(sorted + (size_t)i * key_size, keys + (size_t)order[i] * key_size, key_size);
 	}
-	res->too_deep = link_parents(sorted, n, key_size, parent_len, nesting, runs, n, max_nesting);
-	if (res->too_deep < -1)
-		return -E_INVAL;
+	res->too_deep = link_parents(sorted, n, key_size, parent_len, nesting, runs, max_nesting);
 	uint64_t first = 0;
 	res->most = res->most_at = 0;
 	for (uint32_t i = 0; i < n; i++) {
@@ -291,6 +289,15 @@ EXPORT int tool_lpm_pack(const uint8_t *keys, const uint32_t *sizes, uint32_t n,
 		}
 	}
 	return 0;
+}
+
+/* The merge walks below need both key sets in strictly ascending order. */
+static int sorted_unique(const uint8_t *keys, uint32_t n, uint32_t key_size)
+{
+	for (uint32_t i = 1; i < n; i++)
+		if (key_cmp(keys + (size_t)(i - 1) * key_size, keys + (size_t)i * key_size, key_size) >= 0)
+			return 0;
+	return 1;
 }
 
 struct sync_result {
@@ -314,10 +321,11 @@ EXPORT int32_t tool_lpm_sync(int fd, const uint8_t *old_keys, const uint8_t *old
 			     const uint8_t *new_keys, const uint8_t *new_values, uint32_t n_new, uint32_t key_size,
 			     uint32_t slot_offset, uint8_t slot, uint64_t value_add, struct sync_result *res)
 {
-	uint8_t key[KEY_MAX];
+	uint8_t key[KEY_SIZE];
 	res->deleted = res->written = res->failed = res->phase = 0;
 	res->error = 0;
-	if (!key_size_ok(key_size) || slot_offset >= key_size)
+	if (!key_size_ok(key_size) || slot_offset >= key_size || n_old > MAX_NODES || n_new > MAX_NODES ||
+	    !sorted_unique(old_keys, n_old, key_size) || !sorted_unique(new_keys, n_new, key_size))
 		return res->error = -E_INVAL;
 	uint32_t i = 0, j = 0;
 	while (i < n_old) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import subprocess
 import time
@@ -14,6 +15,7 @@ from loaders import abi, errors, native
 from loaders.maps import Map
 from loaders.sensors import KernelTables, build_tables
 from tests.kernel.kernel_harness import Harness
+from tests.kernel_support import require_native
 
 pytestmark = pytest.mark.kernel
 
@@ -58,7 +60,7 @@ def map_id(fd: int) -> int:
 
 def slot_contents(h: Harness, slot: int, rule_count: int) -> tuple[dict[bytes, bytes], list[bytes]]:
     """What the kernel maps hold for ``slot``: its LPM entries and the first ``rule_count`` rules."""
-    nodes = h.sensors.rule_nodes(slot)
+    nodes = h.sensors.slot_trie(slot)
     # The programs look the slot's nodes up in the trie that rule_nodes[slot] holds (by map id).
     assert h.sensors.maps["rule_nodes"].lookup(U32.pack(slot)) == U32.pack(map_id(nodes.fd))
     entries = {key: nodes.lookup(key) or b"" for key in nodes.keys()}
@@ -80,8 +82,8 @@ WRITERS = {"native": "1", "python": "0"}
 @pytest.fixture(params=sorted(WRITERS))
 def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test runs with the native helper writing the trie, and with the Python code."""
-    if request.param == "native" and native.get() is None:
-        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    if request.param == "native":
+        require_native()
     monkeypatch.setenv("TOOL_NATIVE", WRITERS[request.param])
     return str(request.param)
 
@@ -150,9 +152,7 @@ def test_a_native_write_that_fails_half_way_is_mended_by_the_next_swap(
     h: Harness, monkeypatch: pytest.MonkeyPatch, change: str, phase: int
 ) -> None:
     """The native helper stops at its first failed syscall: here half way through its deletes or its writes."""
-    helper = native.get()
-    if helper is None:
-        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    require_native()
     real = native.Native.sync
 
     def half_then_fail(
@@ -220,11 +220,11 @@ def test_a_replaced_policy_gets_a_fresh_trie_and_the_old_one_is_freed(h: Harness
     tables_of(h, before)
     tables_of(h, before)
     slot = 1 - active_slot(h)  # where `after` goes
-    old_id = map_id(h.sensors.rule_nodes(slot).fd)
+    old_id = map_id(h.sensors.slot_trie(slot).fd)
     tables = tables_of(h, after)
     assert active_slot(h) == slot
     assert slot_contents(h, slot, tables.rule_entries) == expected_slot(tables, slot)
-    new_id = map_id(h.sensors.rule_nodes(slot).fd)
+    new_id = map_id(h.sensors.slot_trie(slot).fd)
     if change == "edit":
         assert new_id == old_id
         return
@@ -238,3 +238,28 @@ def test_a_replaced_policy_gets_a_fresh_trie_and_the_old_one_is_freed(h: Harness
 def map_exists(ident: int) -> bool:
     out = subprocess.run(["bpftool", "map", "show", "id", str(ident)], capture_output=True, text=True)
     return out.returncode == 0
+
+
+def test_a_fresh_trie_that_cannot_be_installed_is_closed_and_the_slot_kept(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new trie is filled but rule_nodes refuses it: no descriptor is left open, the slot keeps its trie."""
+    tables_of(h, A)
+    tables_of(h, A)
+    slot = 1 - active_slot(h)
+    kept = map_id(h.sensors.slot_trie(slot).fd)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    outer = h.sensors.maps["rule_nodes"]
+
+    def refuse(key: bytes, value: bytes, flags: int = 0) -> None:
+        raise OSError("injected")
+
+    monkeypatch.setattr(outer, "update", refuse)
+    with pytest.raises(OSError, match="injected"):
+        tables_of(h, B)  # a replacement: it goes into a fresh trie
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    assert map_id(h.sensors.slot_trie(slot).fd) == kept and active_slot(h) == 1 - slot
+    monkeypatch.undo()
+    for rules in (B, A, B):
+        tables = tables_of(h, rules)
+        assert slot_contents(h, active_slot(h), tables.rule_entries) == expected_slot(tables, active_slot(h))

@@ -13,10 +13,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loaders import abi, native
+from loaders import abi
 from loaders.sensors import KernelTables, TablesError, _network_bits, build_tables
 from pipeline.policy import CompiledPolicy, compile_policy, load_policy
 from pipeline.policy.ports import WELL_KNOWN_PORTS
+from tests.kernel_support import require_native
 
 # Nested prefixes in both families, 'any' and a DNS name (which matches nothing yet).
 ADDRESSES = [
@@ -34,8 +35,8 @@ ACTION_CODES = {"allow": abi.ACT_ALLOW, "alert": abi.ACT_ALERT, "deny-audit": ab
 @pytest.fixture(autouse=True, params=["native", "python"])
 def table_builder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs twice: tables packed by the native helper, and by the Python code."""
-    if request.param == "native" and native.get() is None:
-        pytest.fail(f"the native helper is missing: {native.library_path()} (make -C loaders/csrc)")
+    if request.param == "native":
+        require_native()
     monkeypatch.setenv("TOOL_NATIVE", "1" if request.param == "native" else "0")
     return str(request.param)
 
