@@ -54,9 +54,7 @@ class WhoClass:
 
     def key(self) -> tuple[object, ...]:
         """The conditions alone, for deduplication."""
-        return tuple(
-            None if v is None else tuple(v) for v in (self.exe, self.comm, self.uid, self.gid, self.cgroup)
-        )
+        return tuple(None if v is None else tuple(v) for v in (self.exe, self.comm, self.uid, self.gid, self.cgroup))
 
     def is_anyone(self) -> bool:
         """Return whether the class places no condition at all."""
@@ -237,9 +235,7 @@ def _resolve(names: list[int | str], lookup: str, where: str, warnings: list[str
         try:
             ids.append(pwd.getpwnam(item).pw_uid if lookup == "user" else grp.getgrnam(item).gr_gid)
         except KeyError:
-            warnings.append(
-                f"{where}: {lookup} '{item}' does not exist on this host; it matches no process here"
-            )
+            warnings.append(f"{where}: {lookup} '{item}' does not exist on this host; it matches no process here")
     return sorted(set(ids))
 
 
@@ -262,9 +258,7 @@ def who_conditions(who: Who | msgspec.UnsetType, where: str, warnings: list[str]
         exe=listed(who.exe),
         comm=listed(who.comm),
         uid=None if isinstance(who.user, msgspec.UnsetType) else _resolve(who.user, "user", where, warnings),
-        gid=None
-        if isinstance(who.group, msgspec.UnsetType)
-        else _resolve(who.group, "group", where, warnings),
+        gid=None if isinstance(who.group, msgspec.UnsetType) else _resolve(who.group, "group", where, warnings),
         cgroup=cgroups,
     )
 
@@ -505,9 +499,7 @@ def _compile(policy: LoadedPolicy) -> CompiledPolicy:
     if errors:
         raise PolicyError(errors)
     defaults: dict[str, dict[str, str]] = {
-        mode: {
-            d: policy.defaults.get(mode, {}).get(d, (BUILTIN_DEFAULTS[mode][d], ""))[0] for d in DIRECTIONS
-        }
+        mode: {d: policy.defaults.get(mode, {}).get(d, (BUILTIN_DEFAULTS[mode][d], ""))[0] for d in DIRECTIONS}
         for mode in AGENT_MODES
     }
     return CompiledPolicy(
