@@ -137,9 +137,7 @@ def _describe(path: Path) -> str:
     return f"'{strs[-1]}'" if strs else "document"
 
 
-def _translate(
-    err: msgspec.ValidationError, prefix: Path, value: Any, file: str, pos: PositionMap
-) -> Diagnostic:
+def _translate(err: msgspec.ValidationError, prefix: Path, value: Any, file: str, pos: PositionMap) -> Diagnostic:
     match = _MSGSPEC_ERROR.match(str(err))
     assert match is not None
     msg = match.group("msg")
@@ -160,9 +158,7 @@ def _translate(
             hint = ""
         return Diagnostic(file, at.line, at.column, text, hint)
     if m := re.match(r"Object missing required field `(.*)`", msg):
-        return Diagnostic(
-            file, at.line, at.column, f"missing required field '{m.group(1)}' in {_describe(path)}"
-        )
+        return Diagnostic(file, at.line, at.column, f"missing required field '{m.group(1)}' in {_describe(path)}")
     if m := re.match(r"Invalid enum value (.*)", msg):
         bad = m.group(1).strip("'")
         key = next((p for p in reversed(path) if isinstance(p, str)), "")
@@ -198,9 +194,7 @@ def _lookup(value: Any, path: Path) -> Any:
     return value
 
 
-def _convert(
-    value: Any, cls: type[Any], prefix: Path, file: str, pos: PositionMap
-) -> tuple[Any, list[Diagnostic]]:
+def _convert(value: Any, cls: type[Any], prefix: Path, file: str, pos: PositionMap) -> tuple[Any, list[Diagnostic]]:
     try:
         return msgspec.convert(value, cls), []
     except msgspec.ValidationError as err:
@@ -316,9 +310,7 @@ def _expand(paths: Iterable[FsPath | str]) -> tuple[list[FsPath], list[Diagnosti
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
             if not found:
-                errors.append(
-                    Diagnostic(str(path), 0, 0, "directory holds no policy file (.yaml, .yml, .json, .cue)")
-                )
+                errors.append(Diagnostic(str(path), 0, 0, "directory holds no policy file (.yaml, .yml, .json, .cue)"))
             files += found
         elif path.is_file():
             files.append(path)
@@ -345,9 +337,7 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1  # characters, as elsewhere
         return [], [
-            Diagnostic(
-                name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)"
-            )
+            Diagnostic(name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)")
         ]
     try:
         return load_documents(text), []
@@ -355,9 +345,7 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         return [], [Diagnostic(name, exc.position.line, exc.position.column, exc.message)]
 
 
-def _merge_defaults(
-    docs: list[SourcedDocument], errors: list[Diagnostic]
-) -> dict[str, dict[str, tuple[str, str]]]:
+def _merge_defaults(docs: list[SourcedDocument], errors: list[Diagnostic]) -> dict[str, dict[str, tuple[str, str]]]:
     merged: dict[str, dict[str, tuple[str, str]]] = {mode: {} for mode in AGENT_MODES}
     for doc in docs:
         defaults = doc.policy.spec.defaults
