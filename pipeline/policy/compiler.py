@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple, cast, overload
 import msgspec
 
 from loaders import abi
-from pipeline.policy.addresses import ANY_NETWORK, ParsedAddress, display_network, parse_address
+from pipeline.policy.addresses import ANY_NETWORK, ParsedAddress, display_network
 from pipeline.policy.diagnostics import Diagnostic, PolicyError
 from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy
 from pipeline.policy.model import AGENT_MODES, BUILTIN_DEFAULTS, DIRECTIONS, Action, Rule, Who
@@ -408,8 +408,11 @@ class _Kind(NamedTuple):
 
 
 def _simple_runs(
-    rules: list[Rule], audit_document: bool, port_memo: dict[tuple[int | str, ...], list[tuple[int, int]]]
-) -> tuple[list[ParsedAddress | None], list[tuple[int, int, _Kind | None]]]:
+    rules: list[Rule],
+    addresses: list[tuple[ParsedAddress, ...]],
+    audit_document: bool,
+    port_memo: dict[tuple[int | str, ...], list[tuple[int, int]]],
+) -> tuple[list[tuple[ParsedAddress] | None], list[tuple[int, int, _Kind | None]]]:
     """Split a document's rules into runs of simple rules of one kind and runs of other rules.
 
     A rule is simple when it has no ``who`` (its class is the one of any process), is an egress,
@@ -424,30 +427,18 @@ def _simple_runs(
     benchmarks/bench_policy_swap.py): the benchmark's 100k rules, all simple and all but one of
     one kind, took 0.45-0.5 s to compile one by one, about 10k machine instructions a rule.
 
-    Returns each rule's address (None when the rule is not simple) and the runs as ``(start,
-    stop, kind)`` over the rules' indices, in order; ``kind`` is None for rules to compile one by
-    one, including runs of simple rules shorter than ``_MIN_RUN``.
+    ``addresses`` are the rules' addresses, parsed (:attr:`SourcedDocument.addresses`). Returns each
+    rule's one network (None when the rule is not simple) and the runs as ``(start, stop, kind)``
+    over the rules' indices, in order; ``kind`` is None for rules to compile one by one, including
+    runs of simple rules shorter than ``_MIN_RUN``.
     """
     unset = msgspec.UNSET
-    addresses = [
-        address
-        if (
-            written := rule.to
-            if rule.direction == "egress"
-            else rule.from_
-            if rule.direction == "ingress"
-            else rule.bind
-        )
-        and len(written) == 1
-        and (address := parse_address(written[0])).network is not None
-        else None
-        for rule in rules
-    ]
+    networks = [found if len(found) == 1 and found[0].network is not None else None for found in addresses]
     shapes = [  # what a rule's kind is made of; None when the rule is not simple whatever its kind
         (rule.direction, rule.protocol, rule.ports if rule.ports is unset else (*rule.ports,), rule.action, rule.audit)
-        if address is not None and rule.who is unset
+        if network is not None and rule.who is unset
         else None
-        for rule, address in zip(rules, addresses, strict=True)
+        for rule, network in zip(rules, networks, strict=True)
     ]
     bounds = [0, *compress(range(1, len(rules)), map(ne, shapes[1:], shapes)), len(rules)] if rules else []
     kinds: dict[_Shape | None, _Kind | None] = {}
@@ -457,7 +448,7 @@ def _simple_runs(
         if shape not in kinds:
             kinds[shape] = None if shape is None else _kind(shape, audit_document, port_memo)
         runs.append((start, stop, kinds[shape] if stop - start >= _MIN_RUN else None))
-    return addresses, runs
+    return networks, runs
 
 
 def _kind(
@@ -481,7 +472,7 @@ def _kind(
 def _add_simple_run(
     kind: _Kind,
     first: int,
-    addresses: Sequence[ParsedAddress],
+    networks: Sequence[tuple[ParsedAddress]],
     who_class: int,
     rows: list[_RuleRow],
     nodes: dict[int, bytes],
@@ -491,19 +482,17 @@ def _add_simple_run(
     The same rows and nodes, in the same order, as the loop in :func:`_compile` adds rule by rule.
     """
     direction, protocols, ports, action = kind
-    ids = range(first, first + len(addresses))
-    rows += zip(
-        ids, repeat(who_class), repeat(direction), repeat(protocols), zip(addresses), repeat(ports), repeat(action)
-    )
+    ids = range(first, first + len(networks))
+    rows += zip(ids, repeat(who_class), repeat(direction), repeat(protocols), networks, repeat(ports), repeat(action))
     ((low, high),) = ports
     prefix = _KERNEL_RULE.pack(1 << who_class & _WHO_BITS, low, high, abi.ACTIONS[action], 0)[:16]
     packed = list(map(_PREFIXED_ID.pack, repeat(prefix), ids))
     if len(protocols) == 1:
         above = _NODE_BITS[direction, protocols[0]]
-        keys = [above + address.bits for address in addresses]
+        keys = [above + network.bits for (network,) in networks]
     else:  # TCP then UDP, rule by rule
         tcp, udp = _NODE_BITS[direction, 6], _NODE_BITS[direction, 17]
-        keys = [key for address in addresses for key in (tcp + address.bits, udp + address.bits)]
+        keys = [key for (network,) in networks for key in (tcp + network.bits, udp + network.bits)]
         packed = list(chain.from_iterable(zip(packed, packed, strict=True)))
     # setdefault adds the nodes the run names first in the order it names them; a node named before
     # (by an earlier rule) keeps its place and gets this rule's tool_rule after those it has.
@@ -513,8 +502,8 @@ def _add_simple_run(
 
 
 def _compile(policy: LoadedPolicy, column_wise: bool = True) -> CompiledPolicy:
-    # One pass over the rules: each is resolved into a _RuleRow (lookups memoised: addresses by
-    # parse_address, ports and who blocks here) and its tool_rules appended to the kernel nodes it
+    # One pass over the rules: each is resolved into a _RuleRow (addresses as the loader parsed
+    # them, ports and who blocks memoised here) and its tool_rules appended to the kernel nodes it
     # belongs to; runs of simple rules (see _simple_runs) are added a run at a time, unless
     # column_wise is False (for tests: every rule one by one). Entries are made from the rows only
     # when read, and the words that describe a rule are left to RuleTable.
@@ -537,14 +526,17 @@ def _compile(policy: LoadedPolicy, column_wise: bool = True) -> CompiledPolicy:
         actions: list[KernelAction] = []
         first = len(table) + 1  # the id of the document's first rule
         table.add(rules, doc.file, doc.positions.item_lines(("spec", "rules"), len(rules)), actions)
-        addresses, runs = _simple_runs(rules, audit_doc, port_memo) if column_wise else ([], [(0, len(rules), None)])
+        addresses = doc.addresses
+        simple_networks, runs = (
+            _simple_runs(rules, addresses, audit_doc, port_memo) if column_wise else ([], [(0, len(rules), None)])
+        )
         for start, stop, kind in runs:
             if kind is not None:
                 if anyone_id < 0:
                     anyone_id = _class_id(classes, WhoClass(-1))
                 actions += repeat(kind.action, stop - start)
-                simple = cast(list[ParsedAddress], addresses[start:stop])  # a simple rule's address is not None
-                _add_simple_run(kind, first + start, simple, anyone_id, rows, nodes)
+                run = cast(list[tuple[ParsedAddress]], simple_networks[start:stop])  # not None in a run
+                _add_simple_run(kind, first + start, run, anyone_id, rows, nodes)
                 continue
             for index in range(start, stop):
                 rule, rule_id = rules[index], first + index
@@ -576,14 +568,13 @@ def _compile(policy: LoadedPolicy, column_wise: bool = True) -> CompiledPolicy:
                     key = node_key("raw", 0, _ANY_ADDRESS)
                     nodes[key] = node_of(key, b"") + _pack_rules(row)
                     continue
-                specs = rule.to if direction == "egress" else rule.from_ if direction == "ingress" else rule.bind
+                found = addresses[index]
                 networks: Sequence[ParsedAddress]
-                if isinstance(specs, msgspec.UnsetType):
+                if not found:
                     networks = _ANY_NETWORKS
-                elif len(specs) == 1 and (parsed := parse_address(specs[0])).network is not None:
-                    networks = (parsed,)
+                elif len(found) == 1 and found[0].network is not None:
+                    networks = found
                 else:
-                    found = [parse_address(spec) for spec in specs]
                     dns = [a.dns_name for a in found if a.dns_name is not None]
                     if dns:
                         table.set_dns_names(rule_id, dns)

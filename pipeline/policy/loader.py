@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from pipeline.policy import cue as cue_cli
-from pipeline.policy.addresses import parse_address
+from pipeline.policy.addresses import ParsedAddress, parse_address
 from pipeline.policy.diagnostics import Diagnostic, PolicyError, did_you_mean
 from pipeline.policy.model import (
     ADDRESS_PATTERN,
@@ -79,6 +79,12 @@ class SourcedDocument:
     file: str
     policy: Policy
     positions: PositionMap
+    addresses: list[tuple[ParsedAddress, ...]]
+    """Each rule's addresses (its ``to``, ``from`` or ``bind``, by direction; none for raw rules), parsed.
+
+    Checking the rules parses them, and the compiler takes them from here: looking each up again in
+    the parser's cache cost about a third of compiling a 100k-rule policy.
+    """
 
     def where(self, path: Path) -> str:
         """Return ``file:line`` for the value at ``path`` (``file`` alone when positions are unknown)."""
@@ -243,8 +249,12 @@ def _check_structure(
     return policy, errors, good
 
 
-def _check_rule(rule: Rule, path: Path, file: str, pos: PositionMap) -> list[Diagnostic]:
+def _check_rule(
+    rule: Rule, path: Path, file: str, pos: PositionMap, addresses: list[tuple[ParsedAddress, ...]]
+) -> list[Diagnostic]:
+    """Check what the model alone cannot; append the rule's addresses, parsed, to ``addresses``."""
     errors: list[Diagnostic] = []
+    parsed: list[ParsedAddress] = []
 
     def err(sub: Path, message: str, hint: str = "", key: bool = False) -> None:
         at = pos.of_key((*path, *sub)) if key else pos.of_value((*path, *sub))
@@ -272,9 +282,10 @@ def _check_rule(rule: Rule, path: Path, file: str, pos: PositionMap) -> list[Dia
         else:
             for i, spec in enumerate(items):
                 try:
-                    parse_address(spec)
+                    parsed.append(parse_address(spec))
                 except ValueError as exc:
                     err((name, i), str(exc))
+    addresses.append(tuple(parsed))
     if rule.direction == "raw":
         for name, val in (("ports", rule.ports), ("protocol", rule.protocol)):
             if val is not msgspec.UNSET:
@@ -416,11 +427,12 @@ def _load(paths: Sequence[FsPath | str]) -> LoadedPolicy:
         for value, pos in parsed:
             policy, problems, good_rules = _check_structure(value, str(path), pos)
             errors += problems
+            addresses: list[tuple[ParsedAddress, ...]] = []  # complete when the document has no problem
             if policy is not None:
-                docs.append(SourcedDocument(str(path), policy, pos))
+                docs.append(SourcedDocument(str(path), policy, pos, addresses))
             for index, rule in good_rules:
                 rule_path: Path = ("spec", "rules", index)
-                errors += _check_rule(rule, rule_path, str(path), pos)
+                errors += _check_rule(rule, rule_path, str(path), pos, addresses)
                 if rule.name in seen:
                     # Positions inside a rule are looked up only to report a problem (see PositionMap).
                     at = pos.of_value((*rule_path, "name"))
