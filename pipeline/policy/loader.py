@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from pipeline.policy import cue as cue_cli
-from pipeline.policy.addresses import parse_address
+from pipeline.policy.addresses import ParsedAddress, parse_address
 from pipeline.policy.diagnostics import Diagnostic, PolicyError, did_you_mean
 from pipeline.policy.model import (
     ADDRESS_PATTERN,
@@ -79,6 +79,12 @@ class SourcedDocument:
     file: str
     policy: Policy
     positions: PositionMap
+    addresses: list[tuple[ParsedAddress, ...]]
+    """Each rule's addresses (its ``to``, ``from`` or ``bind``, by direction; none for raw rules), parsed.
+
+    Checking the rules parses them, and the compiler takes them from here: looking each up again in
+    the parser's cache cost about a third of compiling a 100k-rule policy.
+    """
 
     def where(self, path: Path) -> str:
         """Return ``file:line`` for the value at ``path`` (``file`` alone when positions are unknown)."""
@@ -137,9 +143,7 @@ def _describe(path: Path) -> str:
     return f"'{strs[-1]}'" if strs else "document"
 
 
-def _translate(
-    err: msgspec.ValidationError, prefix: Path, value: Any, file: str, pos: PositionMap
-) -> Diagnostic:
+def _translate(err: msgspec.ValidationError, prefix: Path, value: Any, file: str, pos: PositionMap) -> Diagnostic:
     match = _MSGSPEC_ERROR.match(str(err))
     assert match is not None
     msg = match.group("msg")
@@ -160,9 +164,7 @@ def _translate(
             hint = ""
         return Diagnostic(file, at.line, at.column, text, hint)
     if m := re.match(r"Object missing required field `(.*)`", msg):
-        return Diagnostic(
-            file, at.line, at.column, f"missing required field '{m.group(1)}' in {_describe(path)}"
-        )
+        return Diagnostic(file, at.line, at.column, f"missing required field '{m.group(1)}' in {_describe(path)}")
     if m := re.match(r"Invalid enum value (.*)", msg):
         bad = m.group(1).strip("'")
         key = next((p for p in reversed(path) if isinstance(p, str)), "")
@@ -198,9 +200,7 @@ def _lookup(value: Any, path: Path) -> Any:
     return value
 
 
-def _convert(
-    value: Any, cls: type[Any], prefix: Path, file: str, pos: PositionMap
-) -> tuple[Any, list[Diagnostic]]:
+def _convert(value: Any, cls: type[Any], prefix: Path, file: str, pos: PositionMap) -> tuple[Any, list[Diagnostic]]:
     try:
         return msgspec.convert(value, cls), []
     except msgspec.ValidationError as err:
@@ -249,8 +249,12 @@ def _check_structure(
     return policy, errors, good
 
 
-def _check_rule(rule: Rule, path: Path, file: str, pos: PositionMap) -> list[Diagnostic]:
+def _check_rule(
+    rule: Rule, path: Path, file: str, pos: PositionMap, addresses: list[tuple[ParsedAddress, ...]]
+) -> list[Diagnostic]:
+    """Check what the model alone cannot; append the rule's addresses, parsed, to ``addresses``."""
     errors: list[Diagnostic] = []
+    parsed: list[ParsedAddress] = []
 
     def err(sub: Path, message: str, hint: str = "", key: bool = False) -> None:
         at = pos.of_key((*path, *sub)) if key else pos.of_value((*path, *sub))
@@ -278,9 +282,10 @@ def _check_rule(rule: Rule, path: Path, file: str, pos: PositionMap) -> list[Dia
         else:
             for i, spec in enumerate(items):
                 try:
-                    parse_address(spec)
+                    parsed.append(parse_address(spec))
                 except ValueError as exc:
                     err((name, i), str(exc))
+    addresses.append(tuple(parsed))
     if rule.direction == "raw":
         for name, val in (("ports", rule.ports), ("protocol", rule.protocol)):
             if val is not msgspec.UNSET:
@@ -316,9 +321,7 @@ def _expand(paths: Iterable[FsPath | str]) -> tuple[list[FsPath], list[Diagnosti
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix in POLICY_SUFFIXES and p.is_file())
             if not found:
-                errors.append(
-                    Diagnostic(str(path), 0, 0, "directory holds no policy file (.yaml, .yml, .json, .cue)")
-                )
+                errors.append(Diagnostic(str(path), 0, 0, "directory holds no policy file (.yaml, .yml, .json, .cue)"))
             files += found
         elif path.is_file():
             files.append(path)
@@ -345,9 +348,7 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         line_start = data.rfind(b"\n", 0, exc.start) + 1
         column = len(data[line_start : exc.start].decode("utf-8", "replace")) + 1  # characters, as elsewhere
         return [], [
-            Diagnostic(
-                name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)"
-            )
+            Diagnostic(name, line, column, f"byte 0x{data[exc.start]:02x} is not UTF-8 text (policies are UTF-8)")
         ]
     try:
         return load_documents(text), []
@@ -355,9 +356,7 @@ def _read(path: FsPath) -> tuple[list[tuple[Any, PositionMap]], list[Diagnostic]
         return [], [Diagnostic(name, exc.position.line, exc.position.column, exc.message)]
 
 
-def _merge_defaults(
-    docs: list[SourcedDocument], errors: list[Diagnostic]
-) -> dict[str, dict[str, tuple[str, str]]]:
+def _merge_defaults(docs: list[SourcedDocument], errors: list[Diagnostic]) -> dict[str, dict[str, tuple[str, str]]]:
     merged: dict[str, dict[str, tuple[str, str]]] = {mode: {} for mode in AGENT_MODES}
     for doc in docs:
         defaults = doc.policy.spec.defaults
@@ -428,11 +427,12 @@ def _load(paths: Sequence[FsPath | str]) -> LoadedPolicy:
         for value, pos in parsed:
             policy, problems, good_rules = _check_structure(value, str(path), pos)
             errors += problems
+            addresses: list[tuple[ParsedAddress, ...]] = []  # complete when the document has no problem
             if policy is not None:
-                docs.append(SourcedDocument(str(path), policy, pos))
+                docs.append(SourcedDocument(str(path), policy, pos, addresses))
             for index, rule in good_rules:
                 rule_path: Path = ("spec", "rules", index)
-                errors += _check_rule(rule, rule_path, str(path), pos)
+                errors += _check_rule(rule, rule_path, str(path), pos, addresses)
                 if rule.name in seen:
                     # Positions inside a rule are looked up only to report a problem (see PositionMap).
                     at = pos.of_value((*rule_path, "name"))
