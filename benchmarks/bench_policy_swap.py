@@ -15,7 +15,7 @@ paths from a file:
 the slot holds the same policy from the swap before last, so the maps are hardly written; (d)
 swaps in policies with other addresses, so every LPM node changes: the cost of a reload that
 changes everything (the nodes then go into a fresh trie). Each (d) and (e) policy is loaded just
-before, untimed, as a reload would have loaded it (loading also fills the address parser's cache
+before, untimed, as a reload would have loaded it (loading also parses the addresses
 that compiling uses). ``--compare-python`` repeats (d) with the native helper off (``TOOL_NATIVE=0``),
 the baseline the helper is measured against.
 """
