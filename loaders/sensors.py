@@ -31,7 +31,7 @@ from loaders import abi, bpffs, errors, native
 from loaders import cgroup as cg
 from loaders._ffi import ffi, lib
 from loaders.links import Link
-from loaders.maps import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_LPM_TRIE, Map
+from loaders.maps import BPF_F_NO_PREALLOC, BPF_MAP_TYPE_ARRAY_OF_MAPS, BPF_MAP_TYPE_LPM_TRIE, Map
 from loaders.object import BpfObject
 
 log = structlog.get_logger("tool.sensors")
@@ -839,6 +839,11 @@ class Sensors:
         return self
 
     def _configure(self, mode: str, flow_interval_ms: int) -> None:
+        if self.maps["rule_nodes"].type != BPF_MAP_TYPE_ARRAY_OF_MAPS:
+            raise errors.BpfError(
+                f"sensors object {self.obj.name!r}: rule_nodes is not an array of per-slot tries (an older build)",
+                advice="use the object this package ships, or rebuild it from this checkout with `make -C bpf`",
+            )
         for slot in (0, 1):
             self._install_trie(slot, _new_trie(slot))  # closes the new trie if it cannot install it
         cfg = self.maps["config"]
