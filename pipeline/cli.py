@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command != "run":
         setup_logging(False)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (`tool-pipeline policy diff ... | head`): as other commands do,
+        # stop quietly; stdout goes to /dev/null so that the interpreter's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe stopped
 
 
 if __name__ == "__main__":
