@@ -23,7 +23,7 @@ import msgspec
 from loaders import abi
 from pipeline.policy.addresses import ANY_NETWORK, ParsedAddress, display_network
 from pipeline.policy.diagnostics import Diagnostic, PolicyError
-from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy
+from pipeline.policy.loader import ADDRESS_FIELD, LoadedPolicy, rule_addresses
 from pipeline.policy.model import AGENT_MODES, BUILTIN_DEFAULTS, DIRECTIONS, Action, Rule, Who
 from pipeline.policy.ports import merge_ranges, parse_port
 from pipeline.policy.yamlpos import paused_gc
@@ -500,6 +500,8 @@ def _add_simple_run(
     # setdefault adds each node no rule named before, in the order the run names them; a node
     # named before (earlier in the run too) keeps its place, and gets the rule's tool_rule after
     # those it has.
+    # (Each rule's tool_rule is a new bytes object from struct.pack, so `is not` tells a node that
+    # was there before from one just added; the TCP and UDP keys of a rule share one, but differ.)
     again = list(compress(zip(keys, packed, strict=True), map(is_not, map(nodes.setdefault, keys, packed), packed)))
     for key, value in again:
         nodes[key] += value
@@ -532,7 +534,8 @@ def _compile(policy: LoadedPolicy, column_wise: bool = True) -> CompiledPolicy:
         actions: list[KernelAction] = []
         first = len(table) + 1  # the id of the document's first rule
         table.add(rules, doc.file, doc.positions.item_lines(("spec", "rules"), len(rules)), actions)
-        addresses = doc.addresses
+        # The loader's parsed addresses, one entry per rule; a document made elsewhere may lack them.
+        addresses = doc.addresses if len(doc.addresses) == len(rules) else list(map(rule_addresses, rules))
         simple_networks, runs = (
             _simple_runs(rules, addresses, audit_doc, port_memo) if column_wise else ([], [(0, len(rules), None)])
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,9 @@ def test_runs_compile_as_rules_one_by_one(
     count = sum(kind is not None for *_, kind in runs)
     event(f"runs compiled a run at a time: {count if count < 3 else '3 or more'}")
     assert_same(_compile(loaded), _compile(loaded, column_wise=False))
+    # Independent of the loader's parsed addresses: documents without them are parsed by the compiler.
+    bare = dataclasses.replace(loaded, documents=[dataclasses.replace(d, addresses=[]) for d in loaded.documents])
+    assert_same(_compile(bare, column_wise=False), _compile(loaded, column_wise=False))
 
 
 def test_a_block_list_is_one_run(tmp_path: Path) -> None:
@@ -125,6 +129,9 @@ def test_a_block_list_is_one_run(tmp_path: Path) -> None:
     _, runs = _simple_runs(doc.policy.spec.rules, doc.addresses, False, {})
     assert [(start, stop, kind is not None) for start, stop, kind in runs] == [(0, 1, False), (1, 41, True)]
     assert_same(_compile(loaded), _compile(loaded, column_wise=False))
+    # Independent of the loader's parsed addresses: documents without them are parsed by the compiler.
+    bare = dataclasses.replace(loaded, documents=[dataclasses.replace(d, addresses=[]) for d in loaded.documents])
+    assert_same(_compile(bare, column_wise=False), _compile(loaded, column_wise=False))
 
 
 @pytest.mark.parametrize(("simple", "other", "simple_first"), [(40, 30, True), (40, 30, False), (70, 0, True)])
