@@ -232,7 +232,11 @@ def check_sensors() -> list[Check]:
 def check_native() -> Check:
     """The native helper for policy swaps: optional, the Python fallback does the same work slower."""
     path = native.library_path()
-    if native.get() is not None:
+    try:
+        helper = native.get()
+    except ValueError as exc:
+        return Check("native helper", WARN, str(exc), "unset TOOL_NATIVE, or set it to 0 or 1", required=False)
+    if helper is not None:
         return Check("native helper", OK, f"loaded {path}", required=False)
     if os.environ.get("TOOL_NATIVE") == "0":
         return Check("native helper", INFO, "turned off by TOOL_NATIVE=0", required=False)

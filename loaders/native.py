@@ -48,10 +48,30 @@ def library_path() -> str:
     return str(resources.files("loaders").joinpath("objects", f"libtool_lpm.{platform.machine()}.so"))
 
 
+def use_native(value: str | None) -> bool:
+    """Read ``TOOL_NATIVE``: unset or ``1`` uses the helper, ``0`` the Python code.
+
+    Raises:
+        ValueError: any other value, naming the variable and what it takes.
+    """
+    if value is None or value == "1":
+        return True
+    if value == "0":
+        return False
+    raise ValueError(
+        f"environment variable TOOL_NATIVE={value!r}: "
+        "expected 0 (policy swaps in Python) or 1 (the native helper, the default)"
+    )
+
+
 def get() -> Native | None:
-    """The helper, or None where it is missing or ``TOOL_NATIVE=0`` turns it off (read on every call)."""
+    """The helper, or None where it is missing or ``TOOL_NATIVE=0`` turns it off (read on every call).
+
+    Raises:
+        ValueError: ``TOOL_NATIVE`` is neither 0 nor 1 (the agent's configuration checks it at start).
+    """
     global _lib, _tried
-    if os.environ.get("TOOL_NATIVE", "1") == "0":
+    if not use_native(os.environ.get("TOOL_NATIVE")):
         return None
     if not _tried:
         with _lock:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from loaders import native
 from pipeline.policy.yamlpos import PositionMap, YamlSyntaxError, load_documents
 
 
@@ -158,6 +159,10 @@ def read_config_file(path: str) -> tuple[dict[str, Any], PositionMap | None]:
 
 
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    try:  # not a setting of the agent's, but read at every policy swap: refuse a bad value at start
+        native.use_native(environ.get("TOOL_NATIVE"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     out: dict[str, Any] = {}
     for var, name in ENV_FIELDS.items():
         if var not in environ:

@@ -46,6 +46,10 @@ def test_missing_or_turned_off_means_the_python_fallback(monkeypatch: pytest.Mon
     check = doctor.check_native()
     assert check.status == (doctor.WARN if platform.machine() in native.BUILT_FOR else doctor.INFO)
     assert "Python" in check.detail
+    monkeypatch.setenv("TOOL_NATIVE", "no")  # a value that means nothing: said, not taken for "on"
+    with pytest.raises(ValueError, match="TOOL_NATIVE='no': expected 0"):
+        native.get()
+    assert doctor.check_native().status == doctor.WARN
 
 
 # ---- the same tables from both: random node sets with deep nesting in both families ----

@@ -80,3 +80,12 @@ def test_event_stream_choices_and_their_errors(tmp_path: Path) -> None:
     assert str(e.value).startswith(f"{cfg}:1:15:") and "file" in str(e.value) and "none" in str(e.value)
     with pytest.raises(ConfigError, match="TOOL_EVENT_STREAM"):
         load_config(None, environ={"TOOL_EVENT_STREAM": "disk"})
+
+
+def test_tool_native_takes_0_or_1_and_refuses_anything_else() -> None:
+    """TOOL_NATIVE is read at every policy swap: a value that means nothing is refused at start, not ignored."""
+    for value in ("0", "1"):
+        assert load_config(None, environ={"TOOL_NATIVE": value}).mode == "detect"
+    for value in ("off", "false", ""):
+        with pytest.raises(ConfigError, match=rf"TOOL_NATIVE='{value}': expected 0 .* or 1"):
+            load_config(None, environ={"TOOL_NATIVE": value})
