@@ -555,7 +555,11 @@ class _LpmPlan:
     native_old: tuple[bytes, bytes] | None = None
 
 
-_EMPTY_PLAN = _LpmPlan(0, native_old=(b"", b""))
+def _fill_plan(plan: _LpmPlan) -> _LpmPlan:
+    """The plan that writes ``plan``'s result into an empty trie: every node of the new policy."""
+    if plan.new is None:  # the native helper's: it diffs against empty tables
+        return _LpmPlan(0, native_old=(b"", b""))
+    return _LpmPlan(len(plan.new), [], list(plan.new), list(plan.new.values()))
 
 
 def _plan_lpm_writes(contents: _SlotContents, tables: KernelTables, helper: native.Native | None) -> _LpmPlan:
@@ -575,7 +579,7 @@ def _plan_lpm_writes(contents: _SlotContents, tables: KernelTables, helper: nati
 
 
 def _write_lpm(trie: Map, plan: _LpmPlan, tables: KernelTables, slot: int, helper: native.Native | None) -> None:
-    """Carry out ``plan`` on ``trie`` (``_EMPTY_PLAN``: write every node of ``tables`` into an empty trie)."""
+    """Carry out ``plan`` on ``trie`` (see :func:`_fill_plan` for an empty trie)."""
     if helper is not None and plan.native_old is not None:
         new = (tables.lpm_keys, tables.lpm_values)
         done = helper.sync(trie.fd, plan.native_old, new, _LPM_KEY.size, _SLOT_OFFSET, slot, slot * abi.SLOT_RULES)
@@ -585,9 +589,6 @@ def _write_lpm(trie: Map, plan: _LpmPlan, tables: KernelTables, slot: int, helpe
             where = f"node {done.failed + 1} of {len((plan.native_old if deleting else new)[0]) // _LPM_KEY.size}"
             raise errors.from_errno(f"{what}({trie.name}, {where})", -done.error)
         return
-    if plan is _EMPTY_PLAN:
-        keys = _split_keys(tables.lpm_keys)
-        plan = _LpmPlan(len(keys), [], list(keys), list(struct.unpack(f"<{len(keys)}Q", tables.lpm_values)))
     if plan.stale:
         trie.delete_packed(_keys_in_slot(plan.stale, slot))
     if plan.changed:
@@ -1095,7 +1096,7 @@ class Sensors:
             elif plan.writes > new_nodes:
                 fresh = _new_trie(slot)
                 try:
-                    _write_lpm(fresh, _EMPTY_PLAN, tables, slot, helper)
+                    _write_lpm(fresh, _fill_plan(plan), tables, slot, helper)
                 except BaseException:
                     fresh.close()
                     raise
