@@ -2,7 +2,7 @@
 
 Usage (root): python benchmarks/bench_connect.py [--connects K] [--cycles C] [--rules R]
                                                  [--flow-intervals 1000,0] [--cpu N] [--client-only]
-                                                 [--object PATH]
+                                                 [--object PATH] [--compare-object PATH]
 
 Setup: one scratch cgroup per configuration:
   * ``off``: nothing attached;
@@ -11,6 +11,12 @@ Setup: one scratch cgroup per configuration:
     rules (never inside 127.0.0.0/8) plus allow rules for 127.0.0.1 (egress, ingress, listen).
     With the default 1000 ms window, repeated connects to one destination fold into the flow's
     counter after the first event; with 0 every decision is a ring-buffer event.
+  * ``hooks``: do-nothing programs (``return 1``, loaded with the raw bpf(2) syscall) on every
+    cgroup hook the sensors attach. This is the floor: what the kernel charges for running a
+    program at these hooks at all. The report compares each ``on`` configuration with it too,
+    which separates the sensors' own work from the hooks' cost.
+  * ``cmp@<ms>`` with ``--compare-object``: the same as ``on@<ms>`` with another build of
+    sensors.bpf.o, compared with ``--object``'s in the same run (a before/after without two runs).
 
 One child process, pinned to one CPU (``--cpu``; default the highest one, -1: not pinned), runs C cycles.
 In each cycle it visits every configuration in a rotating order: it moves itself into the
@@ -48,7 +54,9 @@ ring_buffer_full counter is printed to show that no reservation failed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -60,6 +68,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from struct import pack as struct_pack
 
 import structlog
 
@@ -72,6 +81,25 @@ STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 EVENT_BYTES = 168  # a connection record (160) plus the ring buffer's 8-byte record header
 EVENTS_PER_CONNECT = 2  # connect (egress) and accept (ingress, from sockops)
 CONNECT_PATH = ("tool_connect4", "tool_ingress", "tool_sockops")  # the programs a loopback connect() runs
+
+# Do-nothing programs for the ``hooks`` configuration: (program type, attach type) from
+# include/uapi/linux/bpf.h for every cgroup program the sensors attach, in the sensors' names.
+NOOP_HOOKS = {
+    "tool_connect4": (18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
+    "tool_connect6": (18, 11),  # ... BPF_CGROUP_INET6_CONNECT
+    "tool_sendmsg4": (18, 14),  # ... BPF_CGROUP_UDP4_SENDMSG
+    "tool_sendmsg6": (18, 15),  # ... BPF_CGROUP_UDP6_SENDMSG
+    "tool_bind4": (18, 8),  # ... BPF_CGROUP_INET4_BIND
+    "tool_bind6": (18, 9),  # ... BPF_CGROUP_INET6_BIND
+    "tool_post_bind4": (9, 12),  # BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET4_POST_BIND
+    "tool_post_bind6": (9, 13),  # ... BPF_CGROUP_INET6_POST_BIND
+    "tool_sock_create": (9, 2),  # ... BPF_CGROUP_INET_SOCK_CREATE
+    "tool_ingress": (8, 0),  # BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_INGRESS
+    "tool_sockops": (13, 3),  # BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS
+}
+NOOP_INSNS = bytes.fromhex("b7000000010000009500000000000000")  # r0 = 1 (allow, pass); exit
+BPF_PROG_LOAD, BPF_LINK_CREATE = 5, 28
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
 CHILD = r"""
 import json, os, socket, sys, time
@@ -144,8 +172,16 @@ def make_policy(n_rules: int, seed: int = 1) -> CompiledPolicy:
     rng = random.Random(seed)
     loopback = v4_network("127.0.0.1/32")
     entries = [
-        KernelRule(rule_id=i + 1, who_class=0, direction=d, protocol=6, network=loopback,
-                   port_lo=0, port_hi=65535, action="allow")
+        KernelRule(
+            rule_id=i + 1,
+            who_class=0,
+            direction=d,
+            protocol=6,
+            network=loopback,
+            port_lo=0,
+            port_hi=65535,
+            action="allow",
+        )
         for i, d in enumerate(("egress", "ingress", "listen"))
     ]
     seen: set[ipaddress.IPv6Network] = set()
@@ -160,8 +196,18 @@ def make_policy(n_rules: int, seed: int = 1) -> CompiledPolicy:
         if net in seen:
             continue
         seen.add(net)
-        entries.append(KernelRule(rule_id=len(entries) + 1, who_class=0, direction="egress", protocol=6,
-                                  network=net, port_lo=0, port_hi=65535, action="deny"))
+        entries.append(
+            KernelRule(
+                rule_id=len(entries) + 1,
+                who_class=0,
+                direction="egress",
+                protocol=6,
+                network=net,
+                port_lo=0,
+                port_hi=65535,
+                action="deny",
+            )
+        )
     directions = ("egress", "ingress", "listen", "raw")
     return CompiledPolicy(
         who_classes=[WhoClass(id=0)],
@@ -182,9 +228,7 @@ def ringbuf_size(connects: int) -> int:
     return size
 
 
-def run_child(
-    configs: list[tuple[str, str]], k: int, cycles: int, warmup: int, cpu: int
-) -> list[list[list[float]]]:
+def run_child(configs: list[tuple[str, str]], k: int, cycles: int, warmup: int, cpu: int) -> list[list[list[float]]]:
     """Run the interleaved connect blocks in one new process.
 
     Args:
@@ -218,6 +262,57 @@ def paired(rows: list[list[float]], base: list[list[float]], field: int) -> tupl
     return med, q1, q3
 
 
+class NoopHooks:
+    """Programs that only return "allow", attached to a cgroup on the same hooks as the sensors.
+
+    They measure what the kernel charges for running a cgroup program at each hook at all, with
+    no work in it: the floor under any sensor on these hooks. Loaded with the raw ``bpf(2)``
+    syscall, two instructions each, so that nothing of the product's loader is in the figure.
+    """
+
+    def __init__(self, cgroup_path: str, names: list[str]) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fds: list[int] = []
+        self.prog_fds: dict[str, int] = {}
+        cgroup_fd = os.open(cgroup_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name in names:
+                prog_type, attach_type = NOOP_HOOKS[name]
+                prog = self._load(name, prog_type, attach_type)
+                self.prog_fds[name] = prog
+                self._fds.append(self._bpf(BPF_LINK_CREATE, struct_pack("IIII", prog, cgroup_fd, attach_type, 0)))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(cgroup_fd)
+
+    def _bpf(self, cmd: int, attr: bytes) -> int:
+        buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
+        fd = self._libc.syscall(SYS_BPF[os.uname().machine], cmd, buf, 128)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"bpf({cmd}) for the do-nothing hooks: {os.strerror(err)}")
+        return int(fd)
+
+    def _load(self, name: str, prog_type: int, attach_type: int) -> int:
+        insns = ctypes.create_string_buffer(NOOP_INSNS, len(NOOP_INSNS))
+        license = ctypes.create_string_buffer(b"GPL")
+        attr = struct_pack(
+            "IIQQIIQII16sII", prog_type, len(NOOP_INSNS) // 8, ctypes.addressof(insns),
+            ctypes.addressof(license), 0, 0, 0, 0, 0, name.replace("tool_", "noop_")[:15].encode(), 0, attach_type,
+        )  # fmt: skip
+        fd = self._bpf(BPF_PROG_LOAD, attr)
+        self._fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        """Detach (the links close) and unload."""
+        for fd in reversed(self._fds):
+            os.close(fd)
+        self._fds.clear()
+
+
 def prog_id(fd: int) -> int:
     """The kernel id of the program open as ``fd`` in this process."""
     with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -227,17 +322,18 @@ def prog_id(fd: int) -> int:
     raise RuntimeError(f"fd {fd} is not a BPF program")
 
 
-def prog_stats(sensors: Sensors) -> dict[str, tuple[int, int]]:
-    """run_time_ns and run_cnt of the sensors' attached programs, from ``bpftool prog show -j``."""
-    ids = {prog_id(sensors.obj.program(name).fd): name for name in sensors.links}
+def prog_stats(programs: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """run_time_ns and run_cnt of the programs (name -> fd open here), from ``bpftool prog show -j``."""
+    ids = {prog_id(fd): name for name, fd in programs.items()}
     shown = json.loads(
         subprocess.run(["bpftool", "prog", "show", "-j"], check=True, capture_output=True, text=True).stdout
     )
-    return {
-        ids[p["id"]]: (int(p.get("run_time_ns", 0)), int(p.get("run_cnt", 0)))
-        for p in shown
-        if p["id"] in ids
-    }
+    return {ids[p["id"]]: (int(p.get("run_time_ns", 0)), int(p.get("run_cnt", 0))) for p in shown if p["id"] in ids}
+
+
+def attached_programs(sensors: Sensors) -> dict[str, int]:
+    """The sensors' attached programs: name -> fd."""
+    return {name: sensors.obj.program(name).fd for name in sensors.links}
 
 
 @contextmanager
@@ -253,18 +349,30 @@ def bpf_stats_enabled() -> Iterator[None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="connect() cost with and without the sensors")
-    ap.add_argument("--connects", type=int, default=2_000,
-                    help="connects per block (one block per cgroup per cycle)")
+    ap.add_argument("--connects", type=int, default=2_000, help="connects per block (one block per cgroup per cycle)")
     ap.add_argument("--cycles", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=1_000, help="untimed connects per cgroup before the cycles")
     ap.add_argument("--stats-cycles", type=int, default=10, help="blocks per configuration of the bpf_stats run")
     ap.add_argument("--rules", type=int, default=100_000)
     ap.add_argument("--flow-intervals", default="1000,0", help="flow_interval_ms values to measure")
-    ap.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
-                    help="CPU to pin the child to (default: the highest this process may use; -1: not pinned)")
+    ap.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="CPU to pin the child to (default: the highest this process may use; -1: not pinned)",
+    )
     ap.add_argument("--object", type=Path, default=OBJECT_PATH, help="the sensors object to load")
-    ap.add_argument("--client-only", action="store_true",
-                    help="also measure each 'on' configuration with the listener outside the cgroup")
+    ap.add_argument(
+        "--compare-object",
+        type=Path,
+        default=None,
+        help="also load this build of sensors.bpf.o (cmp@<ms> configurations) and compare it with --object",
+    )
+    ap.add_argument(
+        "--client-only",
+        action="store_true",
+        help="also measure each 'on' configuration with the listener outside the cgroup",
+    )
     args = ap.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     intervals = [int(x) for x in args.flow_intervals.split(",")]
@@ -272,27 +380,46 @@ def main() -> None:
     t0 = time.perf_counter()
     policy = make_policy(args.rules)
     tables = build_tables(policy, cg.cgroup2_root())
-    print(f"policy: {len(policy.entries)} kernel entries in {len(tables.nodes)} LPM nodes "
-          f"(built in {time.perf_counter() - t0:.1f}s)")
-    total_connects = (args.cycles + args.stats_cycles) * (2 if args.client_only else 1) * args.connects \
-        + 3 * args.warmup
+    print(
+        f"policy: {len(policy.entries)} kernel entries in {len(tables.nodes)} LPM nodes "
+        f"(built in {time.perf_counter() - t0:.1f}s)"
+    )
+    total_connects = (args.cycles + args.stats_cycles) * (
+        2 if args.client_only else 1
+    ) * args.connects + 3 * args.warmup
 
     with ExitStack() as stack:
         off = stack.enter_context(cg.scratch_cgroup("toolbench-off"))
         labels = {off: "off"}
         sensors: dict[str, Sensors] = {}
-        for ms in intervals:
-            path = stack.enter_context(cg.scratch_cgroup(f"toolbench-on{ms}"))
-            labels[path] = f"on@{ms}ms"
+        programs: dict[str, dict[str, int]] = {}  # cgroup -> its attached programs, name -> fd
+        objects = [("on", args.object)] + ([("cmp", args.compare_object)] if args.compare_object else [])
+        for (prefix, object_path), ms in itertools.product(objects, intervals):
+            path = stack.enter_context(cg.scratch_cgroup(f"toolbench-{prefix}{ms}"))
+            labels[path] = f"{prefix}@{ms}ms"
             t0 = time.perf_counter()
             s = stack.enter_context(
-                Sensors.load(path, object_path=args.object, mode="prevent", flow_interval_ms=ms,
-                             ringbuf_bytes=ringbuf_size(total_connects))
+                Sensors.load(
+                    path,
+                    object_path=object_path,
+                    mode="prevent",
+                    flow_interval_ms=ms,
+                    ringbuf_bytes=ringbuf_size(total_connects),
+                )
             )
             s.apply_policy(tables)
             sensors[path] = s
-            print(f"{labels[path]}: sensors loaded and policy applied in {time.perf_counter() - t0:.1f}s; "
-                  f"{len(s.links)} programs attached, missing: {sorted(s.missing) or 'none'}")
+            programs[path] = attached_programs(s)
+            print(
+                f"{labels[path]}: {object_path} loaded and policy applied in {time.perf_counter() - t0:.1f}s; "
+                f"{len(s.links)} programs attached, missing: {sorted(s.missing) or 'none'}"
+            )
+        hooks = stack.enter_context(cg.scratch_cgroup("toolbench-hooks"))
+        labels[hooks] = "hooks"
+        noop = NoopHooks(hooks, [name for name in programs[next(iter(sensors))] if name in NOOP_HOOKS])
+        stack.callback(noop.close)
+        programs[hooks] = noop.prog_fds
+        print(f"hooks: {len(noop.prog_fds)} do-nothing programs attached on the sensors' cgroup hooks")
         paths = list(labels)
         configs = [(p, p) for p in paths]
         names = [labels[p] for p in paths]
@@ -302,36 +429,59 @@ def main() -> None:
 
         t0 = time.perf_counter()
         result = run_child(configs, args.connects, args.cycles, args.warmup, args.cpu)
-        print(f"{args.cycles} cycles x {len(configs)} configurations x {args.connects} connects "
-              f"in {time.perf_counter() - t0:.0f}s (child pinned to CPU {args.cpu})")
-        own = measure_own_cost(configs[1:], [sensors[c] for c, _ in configs[1:]], args)
+        print(
+            f"{args.cycles} cycles x {len(configs)} configurations x {args.connects} connects "
+            f"in {time.perf_counter() - t0:.0f}s (child pinned to CPU {args.cpu})"
+        )
+        own = measure_own_cost(configs[1:], [programs[c] for c, _ in configs[1:]], args)
         counters = {p: s.counters() for p, s in sensors.items()}
 
     base = result[0]
     base_iter = statistics.median(r[0] for r in base)
     base_conn = statistics.median(r[1] for r in base)
     print()
-    print("medians over cycles; ratios are paired per cycle (same child, adjacent blocks), "
-          "[interquartile range]; '/client': listener outside the cgroup (client side hooked only)")
-    print(f"{'':>17}  {'us/iter':>7}  {'us/connect':>10}  {'iter vs off':>11}  "
-          f"{'connect (mean) vs off':>27}  {'connect (median) vs off':>27}")
+    print(
+        "medians over cycles; ratios are paired per cycle (same child, adjacent blocks), "
+        "[interquartile range]; '/client': listener outside the cgroup (client side hooked only)"
+    )
+    print(
+        f"{'':>17}  {'us/iter':>7}  {'us/connect':>10}  {'iter vs off':>11}  "
+        f"{'connect (mean) vs off':>27}  {'connect (median) vs off':>27}"
+    )
     print(f"{'off':>17}  {base_iter:7.2f}  {base_conn:10.2f}")
     for name, rows in zip(names[1:], result[1:], strict=True):
         it, conn, med = paired(rows, base, 0), paired(rows, base, 1), paired(rows, base, 2)
-        print(f"{name:>17}  {statistics.median(r[0] for r in rows):7.2f}  "
-              f"{statistics.median(r[1] for r in rows):10.2f}  {100 * it[0]:+10.1f}%  "
-              f"{100 * conn[0]:+8.1f}% [{100 * conn[1]:+5.1f}, {100 * conn[2]:+5.1f}]  "
-              f"{100 * med[0]:+8.1f}% [{100 * med[1]:+5.1f}, {100 * med[2]:+5.1f}]")
+        print(
+            f"{name:>17}  {statistics.median(r[0] for r in rows):7.2f}  "
+            f"{statistics.median(r[1] for r in rows):10.2f}  {100 * it[0]:+10.1f}%  "
+            f"{100 * conn[0]:+8.1f}% [{100 * conn[1]:+5.1f}, {100 * conn[2]:+5.1f}]  "
+            f"{100 * med[0]:+8.1f}% [{100 * med[1]:+5.1f}, {100 * med[2]:+5.1f}]"
+        )
     print("target: connect() (mean) under 3% slower with the sensors attached")
     print()
-    print("kernel counters (whole run):")
-    for path in paths[1:]:
-        c = counters[path]
-        print(f"  {labels[path]:>10}: events {c['events']}  folded {c['folded']}  "
-              f"ring_buffer_full {c['ring_buffer_full']}  allowed {c['allowed']}  blocked {c['blocked']}")
+    print(
+        "the sensors against the do-nothing hooks (what the programs' work adds to the hooks' own cost), "
+        "paired per cycle:"
+    )
+    by_name = dict(zip(names, result, strict=True))
+    pairs = [(n, "hooks/client" if n.endswith("/client") else "hooks") for n in names[1:] if not n.startswith("hooks")]
+    print_pairs(pairs, by_name)
+    if args.compare_object:
+        print(f"this object ({args.object}) against the other one ({args.compare_object}), paired per cycle:")
+        print_pairs([(n, "cmp" + n[2:]) for n in names if n.startswith("on@")], by_name)
     print()
-    print("programs' own time per connection (kernel.bpf_stats_enabled=1, run_time_ns/run_cnt from bpftool; "
-          f"{args.stats_cycles} blocks of {args.connects} connects per configuration, median [min, max] over blocks):")
+    print("kernel counters (whole run):")
+    for path in sensors:
+        c = counters[path]
+        print(
+            f"  {labels[path]:>10}: events {c['events']}  folded {c['folded']}  "
+            f"ring_buffer_full {c['ring_buffer_full']}  allowed {c['allowed']}  blocked {c['blocked']}"
+        )
+    print()
+    print(
+        "programs' own time per connection (kernel.bpf_stats_enabled=1, run_time_ns/run_cnt from bpftool; "
+        f"{args.stats_cycles} blocks of {args.connects} connects per configuration, median [min, max] over blocks):"
+    )
     for name, per_cycle in zip(names[1:], own, strict=True):
         for label, progs, ref, what in (
             ("connect path", CONNECT_PATH, base_conn, "an unhooked connect()"),
@@ -341,32 +491,51 @@ def main() -> None:
                 sum(ns for prog, (ns, _) in cycle.items() if progs is None or prog in progs) / args.connects
                 for cycle in per_cycle
             ]
-            runs = statistics.median(
-                sum(cnt for prog, (_, cnt) in cycle.items() if progs is None or prog in progs) for cycle in per_cycle
-            ) / args.connects
+            runs = (
+                statistics.median(
+                    sum(cnt for prog, (_, cnt) in cycle.items() if progs is None or prog in progs)
+                    for cycle in per_cycle
+                )
+                / args.connects
+            )
             lo, med, hi = (x / 1000 for x in (min(totals), statistics.median(totals), max(totals)))
-            print(f"  {name if label == 'connect path' else '':>17}  {label}: {med:5.2f} us [{lo:.2f}, {hi:.2f}] "
-                  f"in {runs:4.1f} runs = {100 * med / ref:4.1f}% [{100 * lo / ref:.1f}, {100 * hi / ref:.1f}] "
-                  f"of {what}")
+            print(
+                f"  {name if label == 'connect path' else '':>17}  {label}: {med:5.2f} us [{lo:.2f}, {hi:.2f}] "
+                f"in {runs:4.1f} runs = {100 * med / ref:4.1f}% [{100 * lo / ref:.1f}, {100 * hi / ref:.1f}] "
+                f"of {what}"
+            )
         for prog in sorted({prog for cycle in per_cycle for prog in cycle}):
             ns_run = [c[prog][0] / c[prog][1] for c in per_cycle if c.get(prog, (0, 0))[1]]
             cnt = statistics.median(c.get(prog, (0, 0))[1] for c in per_cycle) / args.connects
             if ns_run and cnt >= 0.01:
-                print(f"  {'':>17}    {prog:<18} {statistics.median(ns_run):6.0f} ns/run "
-                      f"[{min(ns_run):.0f}, {max(ns_run):.0f}]  {cnt:5.2f} runs/connect")
+                print(
+                    f"  {'':>17}    {prog:<18} {statistics.median(ns_run):6.0f} ns/run "
+                    f"[{min(ns_run):.0f}, {max(ns_run):.0f}]  {cnt:5.2f} runs/connect"
+                )
     print("  connect path: tool_connect4, tool_ingress, tool_sockops, whose runs are in connect() and, for some")
     print("  ingress runs, in close(); all programs adds socket() (sock_create, packet_socket) and the child's")
     print("  exec/fork/exit. Each run includes the statistics' own two clock reads (about 80 ns here).")
 
 
+def print_pairs(pairs: list[tuple[str, str]], by_name: dict[str, list[list[float]]]) -> None:
+    """Print the paired per-cycle ratios of each (configuration, reference) pair."""
+    for name, ref in pairs:
+        conn, med = paired(by_name[name], by_name[ref], 1), paired(by_name[name], by_name[ref], 2)
+        print(
+            f"{name + ' vs ' + ref:>34}  connect (mean) {100 * conn[0]:+6.1f}% [{100 * conn[1]:+5.1f}, "
+            f"{100 * conn[2]:+5.1f}]  connect (median) {100 * med[0]:+6.1f}% [{100 * med[1]:+5.1f}, "
+            f"{100 * med[2]:+5.1f}]"
+        )
+
+
 def measure_own_cost(
-    configs: list[tuple[str, str]], sensors: list[Sensors], args: argparse.Namespace
+    configs: list[tuple[str, str]], programs: list[dict[str, int]], args: argparse.Namespace
 ) -> list[list[dict[str, tuple[int, int]]]]:
     """The programs' own time in short blocks with ``kernel.bpf_stats_enabled=1``.
 
     Args:
-        configs: (client cgroup, listener cgroup) of each ``on`` configuration.
-        sensors: the sensors attached for each configuration (its client cgroup's).
+        configs: (client cgroup, listener cgroup) of each hooked configuration.
+        programs: the programs attached for each configuration (its client cgroup's), name -> fd.
         args: the benchmark's options (connects, stats_cycles, cpu).
 
     Returns:
@@ -375,10 +544,10 @@ def measure_own_cost(
     out: list[list[dict[str, tuple[int, int]]]] = [[] for _ in configs]
     with bpf_stats_enabled():
         for _ in range(args.stats_cycles):
-            for i, (config, s) in enumerate(zip(configs, sensors, strict=True)):
-                before = prog_stats(s)
+            for i, (config, progs) in enumerate(zip(configs, programs, strict=True)):
+                before = prog_stats(progs)
                 run_child([config], args.connects, 1, 0, args.cpu)
-                after = prog_stats(s)
+                after = prog_stats(progs)
                 out[i].append({
                     name: (ns - before.get(name, (0, 0))[0], cnt - before.get(name, (0, 0))[1])
                     for name, (ns, cnt) in after.items()

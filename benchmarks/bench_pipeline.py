@@ -11,11 +11,16 @@ Usage (root): python benchmarks/bench_pipeline.py [--storm N] [--procs P] [--rat
    over the same window (baseline).
 3. The kernel-side producer (--synthetic-rounds times): events/s end to end, the same loss check,
    and the agent's CPU time per event.
+
+--agent-cpu N gives the agent CPU N alone: the agent (all its threads) runs only there, and
+nats-server, the subscriber, the producer and the senders only on the other CPUs. End to end is
+then "on one core" literally: the agent cannot borrow the others' CPU, nor they its.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -163,8 +168,44 @@ def consumer_url(state: Path) -> str:
     return str(c["url"]).replace("nats://", f"nats://{c['user']}:{c['password']}@")
 
 
+def pin(cpus: set[int] | None) -> Any:
+    """A preexec_fn that puts the child on ``cpus`` (None: leave it as it is)."""
+
+    def preexec() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
+    return preexec
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def pin_tree(pid: int, cpus: set[int]) -> list[str]:
+    """Put every thread of ``pid``'s children (and theirs) on ``cpus``; their names."""
+    names = []
+    for child in children(pid):
+        for tid in os.listdir(f"/proc/{child}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
+        names.append(Path(f"/proc/{child}/comm").read_text().strip())
+        names += pin_tree(child, cpus)
+    return names
+
+
 def start_agent(
-    tmp: Path, cgroup_path: str, producer_pid: int, burst: int, event_stream: str
+    tmp: Path, cgroup_path: str, producer_pid: int, burst: int, event_stream: str, agent_cpus: set[int] | None
 ) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
@@ -176,7 +217,7 @@ def start_agent(
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--config", str(cfg), "--cgroup", cgroup_path,
          "--state-dir", str(state), "--nats-port", "0"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=pin(agent_cpus),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while b"agent_running" not in (tmp / "agent.log").read_bytes():
@@ -201,6 +242,9 @@ def wait_idle(state: Path) -> None:
         time.sleep(1.0)
 
 
+OTHERS: set[int] | None = None  # with --agent-cpu: the CPUs of everything but the agent
+
+
 def start_subscriber(state: Path, expect: int, which: str) -> subprocess.Popen[str]:
     """An independent subscriber process, returned once its subscription is in place.
 
@@ -209,10 +253,21 @@ def start_subscriber(state: Path, expect: int, which: str) -> subprocess.Popen[s
     """
     sub = subprocess.Popen(
         [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(expect), "120", which],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, preexec_fn=pin(OTHERS),
     )  # fmt: skip
     assert sub.stdout is not None and sub.stdout.readline().strip() == "ready"
     return sub
+
+
+def enter_pinned(cgroup_path: str) -> Any:
+    """A preexec_fn: into the measured cgroup, and onto the other CPUs with --agent-cpu."""
+    enter, place = cg.enter(cgroup_path), pin(OTHERS)
+
+    def preexec() -> None:
+        enter()
+        place()
+
+    return preexec
 
 
 def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str, float]:
@@ -224,7 +279,7 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     t0 = time.monotonic()
     senders = [
         subprocess.Popen([sys.executable, "-c", SENDER, str(per_proc), "0", str(20000 + i * 500)],
-                         preexec_fn=cg.enter(cgroup_path))
+                         preexec_fn=enter_pinned(cgroup_path))
         for i in range(procs)
     ]  # fmt: skip
     for s in senders:
@@ -285,7 +340,7 @@ def steady(pid: int, cgroup_path: str, rate: int, seconds: float) -> dict[str, f
     n = int(rate * seconds)
     c0, t0 = agent_cpu_seconds(pid), time.monotonic()
     sender = subprocess.Popen([sys.executable, "-c", SENDER, str(n), str(rate), "40000"],
-                              preexec_fn=cg.enter(cgroup_path))  # fmt: skip
+                              preexec_fn=enter_pinned(cgroup_path))  # fmt: skip
     sender.wait()
     time.sleep(1.0)  # let the pipeline finish the tail
     c1, t1 = agent_cpu_seconds(pid), time.monotonic()
@@ -318,17 +373,36 @@ def main() -> int:
         choices=("file", "memory", "none"),
         help="the agent's JetStream stream (its storage costs nats-server CPU per event)",
     )
+    ap.add_argument(
+        "--agent-cpu",
+        type=int,
+        default=None,
+        help="run the agent alone on this CPU, everything else on the other CPUs (default: not pinned)",
+    )
     args = ap.parse_args()
+    global OTHERS
+    agent_cpus = None
+    if args.agent_cpu is not None:
+        online = os.sched_getaffinity(0)
+        if args.agent_cpu not in online or len(online) < 2:
+            raise SystemExit(f"--agent-cpu {args.agent_cpu}: needs one of {sorted(online)}, and another CPU left")
+        agent_cpus, OTHERS = {args.agent_cpu}, online - {args.agent_cpu}
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark attaches the sensors to a scratch cgroup")
 
     with tempfile.TemporaryDirectory() as tmpdir, cg.scratch_cgroup("toolbench") as cgroup_path:
         tmp = Path(tmpdir)
         producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "0"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                    stdout=subprocess.PIPE, text=True, preexec_fn=pin(OTHERS))  # fmt: skip
         assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
-        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst, args.event_stream)
+        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst, args.event_stream, agent_cpus)
         print(f"event stream: {args.event_stream}")
+        if agent_cpus is not None and OTHERS is not None:
+            moved = pin_tree(proc.pid, OTHERS)
+            print(
+                f"agent alone on CPU {args.agent_cpu}; on CPUs {sorted(OTHERS)}: {', '.join(moved) or 'nothing'}, "
+                "the subscriber, the producer and the senders"
+            )
         try:
             print("## CPU and RSS of the agent (2-core machine; one core = 100%)")
             base = idle(proc.pid, args.seconds)
