@@ -22,13 +22,14 @@ import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
 from loaders import cgroup as cg
 from loaders.sensors import Sensors
 from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
-from pipeline.bus.stream import ensure_stream, stream_config
+from pipeline.bus.stream import StreamConfigError, ensure_stream, stream_config
 from pipeline.cgroup_watch import CgroupWatcher
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
@@ -180,14 +181,7 @@ class Agent:
             url, max_reconnect_attempts=-1, name=f"tool-outputs-{self.host}", **callbacks.connect_options()
         )
         try:
-            js = nc.jetstream()
-            if c.event_stream == "none":
-                log.info("event_stream_none", advice="live subscribers only; an existing stream is left as it is")
-            else:
-                try:
-                    await ensure_stream(js, stream_config(storage=c.event_stream))
-                except Exception as exc:  # a server without JetStream still gets the live stream
-                    log.warning("jetstream_unavailable", error=str(exc))
+            await open_event_stream(nc.jetstream(), c)
 
             baseline = Baseline(Path(c.state_dir) / "baseline.json", warmup_observations=c.anomaly.warmup_observations)
             enricher = Enricher(cg.cgroup2_root())
@@ -511,6 +505,23 @@ class Agent:
             return encoder.encode({"ok": result.ok, "generation": result.generation, "errors": result.errors})
 
         return {"mode": mode, "policy.reload": reload}
+
+
+async def open_event_stream(js: JetStreamContext, c: Config) -> None:
+    """Create or update the events stream as ``c`` says; a failure is logged, never fatal.
+
+    Live subscribers get every event whatever happens here; the publisher finds out by itself
+    whether a stream stores them (docs/nats.md).
+    """
+    if c.event_stream == "none":
+        log.info("event_stream_none", advice="live subscribers only; an existing stream is left as it is")
+        return
+    try:
+        await ensure_stream(js, stream_config(storage=c.event_stream, persist=c.event_stream_persist))
+    except StreamConfigError as exc:  # the stream, if there is one, keeps working as it is
+        log.error("event_stream_not_configured", error=str(exc))
+    except Exception as exc:  # a server without JetStream still gets the live stream
+        log.warning("jetstream_unavailable", error=str(exc))
 
 
 def validate_policy_text(body: bytes) -> dict[str, Any]:

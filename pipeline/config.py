@@ -54,6 +54,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # The JetStream stream that keeps events for consumers that were down: on disk, in memory
     # (faster, lost with the server), or none (live subscribers only).
     event_stream: Literal["file", "memory", "none"] = "file"
+    # How a file stream writes: default (written before it is acknowledged, survives nats-server
+    # being killed) or async (batched in memory, acknowledged before it reaches the file: less
+    # server CPU, and the last events acknowledged are lost if nats-server is killed).
+    event_stream_persist: Literal["default", "async"] = "default"
     loss_report_interval_s: float = 10.0
     watch_policy: bool = True  # reload when a policy file changes
     anomaly: AnomalyConfig = AnomalyConfig()
@@ -82,6 +86,7 @@ ENV_FIELDS = {
     "TOOL_HOSTNAME": "hostname",
     "TOOL_FLOW_INTERVAL_MS": "flow_interval_ms",
     "TOOL_EVENT_STREAM": "event_stream",
+    "TOOL_EVENT_STREAM_PERSIST": "event_stream_persist",
 }
 DEFAULT_CONFIG_PATH = "/etc/tool/config.yaml"
 
@@ -204,6 +209,8 @@ def load_config(
     if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
         path = DEFAULT_CONFIG_PATH
     merged: dict[str, Any] = {}
+    # Where each top-level setting was given, for an error about two settings that disagree.
+    origins: dict[str, str] = {}
     if path:
         file_values, positions = read_config_file(path)
         try:
@@ -211,23 +218,36 @@ def load_config(
         except msgspec.ValidationError as exc:
             raise ConfigError(_where(path, positions, exc)) from None
         merged.update(file_values)
+        for key in file_values:
+            pos = positions.of_value((key,)) if positions else None
+            origins[key] = f"{path}:{pos.line}:{pos.column}" if pos else path
     env_values = _env_values(env)
     try:
         msgspec.convert({**merged, **env_values}, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_where("environment (TOOL_*)", None, exc)) from None
     merged.update(env_values)
+    origins.update({name: f"environment variable {var}" for var, name in ENV_FIELDS.items() if name in env_values})
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     merged.update(flags)
+    origins.update(dict.fromkeys(flags, "command line"))
     try:
         config = msgspec.convert(merged, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_where("command line", None, exc)) from None
-    _check(config)
+    _check(config, origins)
     return config
 
 
-def _check(c: Config) -> None:
+def _check(c: Config, origins: Mapping[str, str]) -> None:
+    if c.event_stream_persist == "async" and c.event_stream != "file":
+        # JetStream refuses async persistence on memory storage; with none there is no stream.
+        # Neither is the default here, so both were given somewhere.
+        raise ConfigError(
+            f"{origins['event_stream_persist']}: event_stream_persist: async needs event_stream: file, but"
+            f" event_stream is {c.event_stream!r} ({origins['event_stream']}): set event_stream to file,"
+            " or event_stream_persist to default"
+        )
     if c.ringbuf_bytes < 4096 or c.ringbuf_bytes & (c.ringbuf_bytes - 1):
         raise ConfigError(f"ringbuf_bytes: {c.ringbuf_bytes} must be a power of two of at least 4096")
     if not 0 <= c.nats_port <= 65535:

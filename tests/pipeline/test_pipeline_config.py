@@ -82,6 +82,33 @@ def test_event_stream_choices_and_their_errors(tmp_path: Path) -> None:
         load_config(None, environ={"TOOL_EVENT_STREAM": "disk"})
 
 
+def test_event_stream_persist_is_default_unless_asked_and_refuses_other_values(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).event_stream_persist == "default"
+    assert load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": "async"}).event_stream_persist == "async"
+    with pytest.raises(ConfigError, match=r"TOOL_EVENT_STREAM_PERSIST: .*'sync', expected one of: default, async"):
+        load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": "sync"})
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("mode: detect\nevent_stream_persist: fast\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:2:23: .*'fast', expected one of: default, async"):
+        load_config(str(cfg), environ={})
+
+
+def test_async_persistence_with_a_memory_stream_or_none_names_both_settings_and_where(tmp_path: Path) -> None:
+    """JetStream has async persistence for file streams only: the error says which two settings disagree."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("event_stream: memory\nevent_stream_persist: async\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg), environ={})
+    assert str(e.value).startswith(f"{cfg}:2:23: event_stream_persist: async needs event_stream: file")
+    assert f"event_stream is 'memory' ({cfg}:1:15)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"event_stream is 'none' \(environment variable TOOL_EVENT_STREAM\)"):
+        load_config(None, environ={"TOOL_EVENT_STREAM": "none", "TOOL_EVENT_STREAM_PERSIST": "async"})
+    cfg.write_text("event_stream_persist: async\n")
+    with pytest.raises(ConfigError, match=r"event_stream is 'memory' \(command line\)"):
+        load_config(str(cfg), environ={}, overrides={"event_stream": "memory"})
+    assert load_config(str(cfg), environ={"TOOL_EVENT_STREAM": "file"}).event_stream_persist == "async"
+
+
 def test_tool_native_takes_0_or_1_and_refuses_anything_else() -> None:
     """TOOL_NATIVE is read at every policy swap: a value that means nothing is refused at start, not ignored."""
     for value in ("0", "1"):
