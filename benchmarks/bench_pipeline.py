@@ -1,6 +1,7 @@
 """Benchmark: the whole pipeline, kernel to an independent NATS subscriber, and the agent's CPU and memory.
 
 Usage (root): python benchmarks/bench_pipeline.py [--storm N] [--procs P] [--rates 1000,20000] [--seconds S]
+                                                  [--event-stream file|memory|none] [--agent-cpu N] [--sustain S]
 
 1. Throughput under a connection storm: P processes in a scratch cgroup send N UDP datagrams each
    to distinct ports (flow folding off, so every datagram is a decision and an event). A separate
@@ -10,7 +11,11 @@ Usage (root): python benchmarks/bench_pipeline.py [--storm N] [--procs P] [--rat
 2. CPU and RSS of the agent at fixed event rates (paced senders), against the same agent idle
    over the same window (baseline).
 3. The kernel-side producer (--synthetic-rounds times): events/s end to end, the same loss check,
-   and the agent's CPU time per event.
+   and the agent's CPU time per event. Each round is one burst: the ring buffer fills at once and
+   the pipeline drains about 56k records, so a round lasts about half a second.
+4. With --sustain S: the same producer paced at --sustain-rate records/s (above what the pipeline
+   takes) for S seconds, so the end-to-end rate is the pipeline's sustained one, measured over
+   seconds instead of one ring's worth.
 
 --agent-cpu N gives the agent CPU N alone: the agent (all its threads) runs only there, and
 nats-server, the subscriber, the producer and the senders only on the other CPUs. End to end is
@@ -126,9 +131,13 @@ import os, sys, time
 calls = int(sys.argv[1])
 print("ready", flush=True)
 for line in sys.stdin:
-    rounds = int(line)
-    for _ in range(rounds):
+    rounds, interval = line.split()
+    rounds, interval = int(rounds), float(interval)  # interval: seconds between calls (0: back to back)
+    start = time.monotonic()
+    for i in range(rounds):
         os.getppid()
+        if interval and (ahead := (i + 1) * interval - (time.monotonic() - start)) > 0:
+            time.sleep(ahead)
     print("done", flush=True)
 """
 
@@ -205,12 +214,19 @@ def pin_tree(pid: int, cpus: set[int]) -> list[str]:
 
 
 def start_agent(
-    tmp: Path, cgroup_path: str, producer_pid: int, burst: int, event_stream: str, agent_cpus: set[int] | None
+    tmp: Path,
+    cgroup_path: str,
+    producer_pid: int,
+    burst: int,
+    event_stream: str,
+    agent_cpus: set[int] | None,
+    persist: str = "default",
 ) -> tuple[subprocess.Popen[bytes], Path]:
     state = tmp / "state"
     cfg = tmp / "config.yaml"
     cfg.write_text(  # default 8 MiB ring buffer
         f"flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\nevent_stream: {event_stream}\n"
+        f"event_stream_persist: {persist}\n"
         f"bench_producer_tgid: {producer_pid}\nbench_producer_burst: {burst}\n"
     )
     err = (tmp / "agent.log").open("wb")
@@ -306,8 +322,11 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     }
 
 
-def synthetic(state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int) -> dict[str, float]:
-    """Drive the pipeline from the kernel-side producer: calls x burst records as fast as the kernel emits."""
+def synthetic(
+    state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int, interval: float = 0.0
+) -> dict[str, float]:
+    """Drive the pipeline from the kernel-side producer: calls x burst records, each call's burst as
+    fast as the kernel emits, the calls back to back or ``interval`` seconds apart."""
     total = calls * burst
     wait_idle(state)
     before = kernel_counters(state)
@@ -315,7 +334,7 @@ def synthetic(state: Path, producer: subprocess.Popen[str], calls: int, burst: i
     assert sub.stdout is not None and producer.stdin is not None and producer.stdout is not None
     t0 = time.monotonic()
     cpu0 = agent_cpu_seconds(agent_pid)
-    producer.stdin.write(f"{calls}\n")
+    producer.stdin.write(f"{calls} {interval}\n")
     producer.stdin.flush()
     assert producer.stdout.readline().strip() == "done"
     produced_s = time.monotonic() - t0
@@ -374,11 +393,24 @@ def main() -> int:
         help="the agent's JetStream stream (its storage costs nats-server CPU per event)",
     )
     ap.add_argument(
+        "--persist",
+        default="default",
+        choices=("default", "async"),
+        help="event_stream_persist of a file stream (async: less nats-server CPU, see docs/nats.md)",
+    )
+    ap.add_argument(
         "--agent-cpu",
         type=int,
         default=None,
         help="run the agent alone on this CPU, everything else on the other CPUs (default: not pinned)",
     )
+    ap.add_argument(
+        "--sustain",
+        type=float,
+        default=0.0,
+        help="also run the kernel-side producer for this many seconds at --sustain-rate (0: not)",
+    )
+    ap.add_argument("--sustain-rate", type=int, default=300_000, help="records/s offered by the sustained producer")
     args = ap.parse_args()
     global OTHERS
     agent_cpus = None
@@ -395,8 +427,12 @@ def main() -> int:
         producer = subprocess.Popen([sys.executable, "-c", PRODUCER, "0"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True, preexec_fn=pin(OTHERS))  # fmt: skip
         assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
-        proc, state = start_agent(tmp, cgroup_path, producer.pid, args.burst, args.event_stream, agent_cpus)
-        print(f"event stream: {args.event_stream}")
+        proc, state = start_agent(
+            tmp, cgroup_path, producer.pid, args.burst, args.event_stream, agent_cpus, args.persist
+        )
+        print(
+            f"event stream: {args.event_stream}" + (f", persist {args.persist}" if args.event_stream == "file" else "")
+        )
         if agent_cpus is not None and OTHERS is not None:
             moved = pin_tree(proc.pid, OTHERS)
             print(
@@ -443,6 +479,23 @@ def main() -> int:
             per_core = 1e6 / y["agent_us_per_event"]
             print(f"agent cpu per event {y['agent_us_per_event']:>8.2f} us = {per_core:.0f} events/s per agent core")
             unaccounted = [s["unaccounted"]] + [r["unaccounted"] for r in rounds]
+            if args.sustain > 0:
+                calls = max(1, round(args.sustain * args.sustain_rate / args.burst))
+                print()
+                print(
+                    f"## Kernel-side producer, sustained: {args.sustain_rate} records/s offered for {args.sustain:g} s"
+                )
+                z = synthetic(state, producer, calls, args.burst, proc.pid, interval=args.burst / args.sustain_rate)
+                print(f"kernel produced     {z['produced']:>9.0f} records   at {z['kernel_rate']:>9.0f}/s (offered)")
+                print(f"subscriber received {z['received']:>9.0f} events    at {z['pipeline_rate']:>9.0f}/s end to end")
+                print(f"ring buffer full    {z['ring_buffer_full']:>9.0f} (counted by the kernel, reported as loss)")
+                print(f"unaccounted         {z['unaccounted']:>9.0f}")
+                print(f"agent cpu           {z['agent_cpu_percent']:>8.0f}% of one core while draining")
+                print(
+                    f"agent cpu per event {z['agent_us_per_event']:>8.2f} us = "
+                    f"{1e6 / z['agent_us_per_event']:.0f} events/s per agent core"
+                )
+                unaccounted.append(z["unaccounted"])
             return 0 if not any(unaccounted) else 1
         finally:
             proc.send_signal(signal.SIGTERM)
