@@ -81,7 +81,7 @@ def conn_tuple(raw: bytes) -> ConnTuple:
 
 def drain(
     reader: RingReader, see_gap: Callable[[int, int], None], expected: dict[int, int],
-    opened: dict[int, Any], errors: DecodeErrors, limit: int,
+    due: dict[int, int], errors: DecodeErrors, limit: int,
 ) -> list[Record]:  # fmt: skip
     """Decode up to about ``limit`` records waiting in the ring, then give their space back.
 
@@ -90,8 +90,8 @@ def drain(
     connection record (the header comes first in the tuple, so nothing after a record still
     being written is used). Anything else (a process record, a discarded or unfinished one, one
     that does not match the ABI) ends the run and goes through :func:`_other_record`.
-    Per-CPU sequence numbers are checked inline while they arrive in order (``expected`` and
-    ``opened`` are the gap tracker's); anything else goes to ``see_gap``.
+    Per-CPU sequence numbers are checked inline while they arrive in order and no hole is due to
+    settle (``expected`` and ``due`` are the gap tracker's); anything else goes to ``see_gap``.
 
     Stops before a record the kernel has reserved but not yet submitted.
     """
@@ -115,7 +115,7 @@ def drain(
                 break
             cpu = f[i_cpu]
             seq = f[i_seq]
-            if seq == expected.get(cpu) and cpu not in opened:
+            if seq == expected.get(cpu) and seq < due[cpu]:  # due has every CPU expected has
                 expected[cpu] = seq + 1
             else:
                 see_gap(cpu, seq)
@@ -143,7 +143,7 @@ def drain(
 
 def decode_records(
     raws: list[bytes], see_gap: Callable[[int, int], None], expected: dict[int, int],
-    opened: dict[int, Any], errors: DecodeErrors,
+    due: dict[int, int], errors: DecodeErrors,
 ) -> list[Record]:  # fmt: skip
     """:func:`drain` for records already copied out of the ring (the libbpf consumer's path)."""
     first_conn, last_conn = abi.EV_CONNECT, abi.EV_SOCKET
@@ -156,7 +156,7 @@ def decode_records(
             if f[ABI] == version:
                 cpu = f[CPU]
                 seq = f[SEQ]
-                if seq == expected.get(cpu) and cpu not in opened:
+                if seq == expected.get(cpu) and seq < due[cpu]:
                     expected[cpu] = seq + 1
                 else:
                     see_gap(cpu, seq)

@@ -46,6 +46,7 @@ log = structlog.get_logger("tool.pipeline")
 MAX_BATCH = 1024  # records per batch between stages
 TRICKLE = 64  # a drain of fewer records than this waits GATHER_S before the next
 GATHER_S = 0.002
+NO_HOLE = 1 << 64  # above every kernel sequence number (u64)
 
 
 @dataclass
@@ -59,6 +60,12 @@ class GapTracker:
 
     settle: int = 4096
     expected: dict[int, int] = field(default_factory=dict)
+    # Per CPU, the sequence number from which in-order records go through see() again: the
+    # oldest open hole settles there (NO_HOLE while none is open). Until then the hot path
+    # (hotpath.drain) takes in-order records with one comparison, also while holes are open:
+    # under overload nearly every drain opens one, and a call per record for the next
+    # ``settle`` records once cost the agent more than enrich and match together.
+    due: dict[int, int] = field(default_factory=dict)
     # Per CPU, the open holes as ranges [start, end) in the order they opened, and the
     # late records that filled some of them. A lost record costs nothing until its range
     # settles (a set of every hole, scanned on every record, once cost more than the rest
@@ -69,7 +76,7 @@ class GapTracker:
 
     def see(self, cpu: int, seq: int) -> None:
         exp = self.expected.get(cpu)
-        if seq == exp and cpu not in self.opened:  # the common case: in order, nothing open
+        if seq == exp and seq < self.due[cpu]:  # the common case: in order, nothing due
             self.expected[cpu] = seq + 1
             return
         if exp is None or seq == exp:
@@ -87,6 +94,8 @@ class GapTracker:
         ranges = self.opened.get(cpu)
         if ranges:
             self._settle(cpu, ranges, self.expected[cpu] - self.settle)
+        ranges = self.opened.get(cpu)
+        self.due[cpu] = ranges[0][0] + self.settle if ranges else NO_HOLE
 
     def _settle(self, cpu: int, ranges: deque[tuple[int, int]], limit: int) -> None:
         """Count the holes of ``cpu`` older than ``limit`` as lost."""
@@ -115,6 +124,8 @@ class GapTracker:
             self.lost += sum(end - start for start, end in ranges) - len(self.filled.get(cpu, ()))
         self.opened.clear()
         self.filled.clear()
+        for cpu in self.due:
+            self.due[cpu] = NO_HOLE
 
 
 @dataclass
@@ -164,7 +175,7 @@ class _MmapSource:
 
     def take(self, limit: int) -> list[hot.Record]:
         g = self._gaps
-        return hot.drain(self._reader, g.see, g.expected, g.opened, self._errors, limit)
+        return hot.drain(self._reader, g.see, g.expected, g.due, self._errors, limit)
 
     def waiting(self) -> bool:
         """Records (complete or still being written) wait in the ring."""
@@ -193,7 +204,7 @@ class _LibbpfSource:
         raws = self._pending[:limit]
         del self._pending[:limit]
         g = self._gaps
-        return hot.decode_records(raws, g.see, g.expected, g.opened, self._errors)
+        return hot.decode_records(raws, g.see, g.expected, g.due, self._errors)
 
     def waiting(self) -> bool:
         """Records copied out and not yet taken (libbpf consumes only complete ones)."""

@@ -77,7 +77,7 @@ def test_every_record_read_once_across_many_wraps() -> None:
                 producer.stdin.write("1\n")
                 producer.stdin.flush()
                 assert producer.stdout.readline().strip() == "done"
-                got += hot.drain(reader, gaps.see, gaps.expected, gaps.opened, decode_errors, 1 << 20)
+                got += hot.drain(reader, gaps.see, gaps.expected, gaps.due, decode_errors, 1 << 20)
             after = sensors.counters()
             reader.close()
     finally:
@@ -121,7 +121,7 @@ def test_process_records_between_runs_of_connection_records_keep_their_place() -
                     producer.stdin.write("1\n")
                     producer.stdin.flush()
                     assert producer.stdout.readline().strip() == "0"
-                    while batch := hot.drain(reader, gaps.see, gaps.expected, gaps.opened, decode_errors, 7):
+                    while batch := hot.drain(reader, gaps.see, gaps.expected, gaps.due, decode_errors, 7):
                         got += batch
                 after = sensors.counters()
                 reader.close()
