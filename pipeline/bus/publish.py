@@ -219,7 +219,11 @@ class Publisher:
         pieces = batch.pieces
         max_payload = self._nc.max_payload or math.inf
         if not self._msg_id_header and (not pieces or max(map(len, pieces)) <= max_payload):
-            return _Frames(b"".join(pieces), batch.count, batch.payload_bytes)
+            data = b"".join(pieces)
+            # Every event is three pieces (hotpath.Encoded): the last three are a hint of where
+            # the last command starts, checked in _ask_for_ack before it is used.
+            last = len(data) - sum(map(len, pieces[-3:])) if len(pieces) == 3 * batch.count else -1
+            return _Frames(data, batch.count, batch.payload_bytes, last)
         return self._frame_each(batch, max_payload)
 
     def _frame_each(self, batch: Encoded, max_payload: float) -> _Frames:
@@ -314,7 +318,7 @@ class Publisher:
         data = frames.plain
         self._ack_count += 1
         token = b"%s.%d" % (self._ack_prefix, self._ack_count)
-        start = _last_command(data)
+        start = frames.last if _is_last_command(data, frames.last) else _last_command(data)
         eol = data.index(CRLF, start)
         verb, subject, *sizes = data[start:eol].split(b" ")
         frames.data = data[:start] + b" ".join((verb, subject, token, *sizes)) + data[eol:]
@@ -411,6 +415,18 @@ class Publisher:
             await nc._flush_pending()
 
 
+def _is_last_command(data: bytes, start: int) -> bool:
+    """Whether a PUB/HPUB command starting at ``start`` ends exactly where ``data`` does."""
+    if start < 0 or not (data.startswith(b"PUB ", start) or data.startswith(b"HPUB ", start)):
+        return False
+    eol = data.find(CRLF, start)
+    try:
+        size = int(data[data.rindex(b" ", start, eol) + 1 : eol])  # the total size is last
+    except ValueError:  # also: no space before the end of the line
+        return False
+    return eol + 2 + size + 2 == len(data)
+
+
 def _last_command(data: bytes) -> int:
     """Offset of the last PUB/HPUB command in ``data`` (commands back to back)."""
     pos = last = 0
@@ -435,12 +451,13 @@ class _StreamAck:
 class _Frames:
     """One batch as NATS protocol, and the connection (reconnect count) it was last sent on."""
 
-    __slots__ = ("ack", "data", "events", "generation", "payload_bytes", "plain")
+    __slots__ = ("ack", "data", "events", "generation", "last", "payload_bytes", "plain")
 
-    def __init__(self, data: bytes, events: int, payload_bytes: int) -> None:
+    def __init__(self, data: bytes, events: int, payload_bytes: int, last: int = -1) -> None:
         self.data = data  # PUB/HPUB commands, back to back
         self.events = events
         self.payload_bytes = payload_bytes
+        self.last = last  # where the last command starts, if known (-1: found by parsing)
         self.generation = -1  # not sent yet
         self.ack: _StreamAck | None = None  # the last event asks JetStream to answer here
         self.plain: bytes | None = None  # ``data`` before a reply subject was put in

@@ -315,3 +315,18 @@ def test_the_last_command_is_found_past_headers_and_payloads() -> None:
     assert _last_command(first + second) == len(first)
     assert _last_command(first + second + third) == len(first + second)
     assert _last_command(first) == 0
+
+
+def test_a_hint_of_the_last_command_is_used_only_when_it_parses_to_the_end() -> None:
+    from pipeline.bus.publish import _is_last_command
+
+    first = b"PUB a.b 9\r\nPUB x 1\r\n\r\n"  # a payload that looks like a command
+    last = b"PUB c.d 2\r\nok\r\n"
+    data = first + last
+    assert _is_last_command(data, len(first))
+    assert not _is_last_command(data, 0)  # a command, but not the last
+    assert not _is_last_command(data, first.index(b"PUB x"))  # inside a payload
+    assert not _is_last_command(data, -1)  # no hint
+    assert not _is_last_command(data, len(first) + 1)
+    assert not _is_last_command(b"PUB c.d x\r\nok\r\n", 0)  # not a size
+    assert _is_last_command(b"HPUB c.d 12 15\r\nNATS/1.0\r\n\r\nx y\r\n", 0)
