@@ -226,8 +226,9 @@ def start_agent(
     cfg = tmp / "config.yaml"
     cfg.write_text(  # default 8 MiB ring buffer
         f"flow_interval_ms: 0\naudit_log: ''\nloss_report_interval_s: 60\nevent_stream: {event_stream}\n"
-        f"event_stream_persist: {persist}\n"
         f"bench_producer_tgid: {producer_pid}\nbench_producer_burst: {burst}\n"
+        # Only when asked for: a tree from before the setting existed refuses the key.
+        + (f"event_stream_persist: {persist}\n" if persist != "default" else "")
     )
     err = (tmp / "agent.log").open("wb")
     proc = subprocess.Popen(
