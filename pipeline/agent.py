@@ -22,14 +22,13 @@ import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 
 from loaders import cgroup as cg
 from loaders.sensors import Sensors
 from pipeline.bus.api import ApiError, ApiServer
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
-from pipeline.bus.stream import StreamConfigError, ensure_stream, stream_config
+from pipeline.bus.stream import StreamConfigError, ensure_stream, server_has_persist_modes, stream_config
 from pipeline.cgroup_watch import CgroupWatcher
 from pipeline.config import Config
 from pipeline.enforce import Enforcer
@@ -181,7 +180,7 @@ class Agent:
             url, max_reconnect_attempts=-1, name=f"tool-outputs-{self.host}", **callbacks.connect_options()
         )
         try:
-            await open_event_stream(nc.jetstream(), c)
+            await open_event_stream(nc, c)
 
             baseline = Baseline(Path(c.state_dir) / "baseline.json", warmup_observations=c.anomaly.warmup_observations)
             enricher = Enricher(cg.cgroup2_root())
@@ -507,21 +506,41 @@ class Agent:
         return {"mode": mode, "policy.reload": reload}
 
 
-async def open_event_stream(js: JetStreamContext, c: Config) -> None:
+async def open_event_stream(nc: NATS, c: Config) -> None:
     """Create or update the events stream as ``c`` says; a failure is logged, never fatal.
 
     Live subscribers get every event whatever happens here; the publisher finds out by itself
-    whether a stream stores them (docs/nats.md).
+    whether a stream stores them (docs/nats.md). Persist mode async on a server older than 2.12
+    is logged and left out, at every start: such a server would ignore it anyway, and asking
+    for it would make the stream look like it needs recreating.
     """
     if c.event_stream == "none":
         log.info("event_stream_none", advice="live subscribers only; an existing stream is left as it is")
         return
+    persist = c.event_stream_persist
+    version = _server_version(nc)
+    if persist == "async" and not server_has_persist_modes(version):
+        log.warning(
+            "event_stream_persist_ignored",
+            server_version=version,
+            advice="persist mode async needs nats-server 2.12 or later; the stream persists as by default",
+        )
+        persist = "default"
     try:
-        await ensure_stream(js, stream_config(storage=c.event_stream, persist=c.event_stream_persist))
+        await ensure_stream(nc.jetstream(), stream_config(storage=c.event_stream, persist=persist))
     except StreamConfigError as exc:  # the stream, if there is one, keeps working as it is
         log.error("event_stream_not_configured", error=str(exc))
     except Exception as exc:  # a server without JetStream still gets the live stream
         log.warning("jetstream_unavailable", error=str(exc))
+
+
+def _server_version(nc: NATS) -> str:
+    """The connected server's version as "major.minor.patch" ("" when it cannot be read)."""
+    v = nc.connected_server_version
+    try:
+        return f"{v.major}.{v.minor}.{v.patch}"
+    except (ValueError, TypeError):
+        return ""
 
 
 def validate_policy_text(body: bytes) -> dict[str, Any]:

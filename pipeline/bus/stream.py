@@ -102,6 +102,19 @@ def stream_config(
     )
 
 
+def server_has_persist_modes(version: str) -> bool:
+    """Whether a nats-server of this version knows stream persist modes (2.12 and later).
+
+    An unknown or unreadable version counts as yes: the server's answer then tells.
+    """
+    parts = version.split("-", 1)[0].split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return True
+    return major == 0 or (major, minor) >= (2, 12)
+
+
 def persist_of(config: StreamConfig) -> PersistName:
     """The persist mode of a stream configuration (absent means "default")."""
     return "async" if config.persist_mode == PersistMode.ASYNC else "default"
@@ -132,7 +145,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig | None = None
         log.info("stream_created", stream=config.name, subjects=config.subjects, persist=persist_of(info.config))
         return info
     kept, wanted = persist_of(existing.config), persist_of(config)
-    if kept != wanted:  # the server would refuse the update; say what to do instead
+    if kept != wanted and existing.config.storage == config.storage:
+        # The server would refuse the update; say what to do instead. (A storage change is
+        # refused too, and the server's own reason names that one.)
         raise PersistModeMismatch(config.name, kept, wanted)
     info = await _applied(js.update_stream(config), config)
     log.info("stream_updated", stream=config.name, subjects=config.subjects, persist=persist_of(info.config))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -16,13 +20,55 @@ from nats.js.errors import ServerError
 from pipeline.agent import open_event_stream
 from pipeline.bus.publish import Publisher
 from pipeline.bus.server import EVENTS_STREAM, EmbeddedNats
-from pipeline.bus.stream import PersistModeMismatch, StreamConfigError, ensure_stream, stream_config
+from pipeline.bus.stream import (
+    PersistModeMismatch,
+    StreamConfigError,
+    ensure_stream,
+    server_has_persist_modes,
+    stream_config,
+)
 from pipeline.config import load_config
 from pipeline.events import Event
 
 from .bus_testkit import events
 
 pytestmark = pytest.mark.anyio
+
+# nats-server from before stream persist modes; deploy/setup.sh --test puts it here.
+OLD_NATS = Path(os.environ.get("TOOL_TEST_OLD_NATS", "/opt/tool/compat/nats-server-2.11.11"))
+
+
+@pytest.fixture
+def old_nats_url(tmp_path: Path) -> Iterator[str]:
+    """A real nats-server 2.11 with JetStream on a free loopback port (skipped when it is not
+    installed, unless REQUIRE_NATS_COMPAT=1, where that fails)."""
+    if not os.access(OLD_NATS, os.X_OK):
+        reason = f"{OLD_NATS} not found: deploy/setup.sh --test installs it"
+        if os.environ.get("REQUIRE_NATS_COMPAT") == "1":
+            pytest.fail(f"REQUIRE_NATS_COMPAT=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(OLD_NATS), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{OLD_NATS} did not start") from None
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def _publish(nc: NATS, n: int) -> Publisher:
@@ -55,7 +101,7 @@ async def test_the_agent_creates_the_stream_with_the_configured_persist_mode(
     js = agent_nc.jetstream()
     await js.delete_stream(EVENTS_STREAM)  # the fixture made one with the defaults
     environ = {} if setting is None else {"TOOL_EVENT_STREAM_PERSIST": setting}
-    await open_event_stream(js, load_config(None, environ=environ))
+    await open_event_stream(agent_nc, load_config(None, environ=environ))
     info = await js.stream_info(EVENTS_STREAM)
     assert info.config.persist_mode == shown
     publisher = await _publish(agent_nc, 500)
@@ -82,13 +128,13 @@ async def test_a_persist_mode_change_is_logged_with_what_to_do_and_the_stream_ke
     """The agent starts, says the stream must be deleted or the setting reverted, and stores as before."""
     js = agent_nc.jetstream()
     await js.delete_stream(EVENTS_STREAM)
-    await open_event_stream(js, load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": kept}))
+    await open_event_stream(agent_nc, load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": kept}))
     with pytest.raises(PersistModeMismatch) as refused:
         await ensure_stream(js, stream_config(persist=wanted))  # type: ignore[arg-type]
     assert (refused.value.kept, refused.value.wanted) == (kept, wanted)
 
     capsys.readouterr()
-    await open_event_stream(js, load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": wanted}))
+    await open_event_stream(agent_nc, load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": wanted}))
     logged = capsys.readouterr().out
     assert "event_stream_not_configured" in logged
     assert f"nats stream rm {EVENTS_STREAM}" in logged and "event_stream_persist" in logged
@@ -99,6 +145,27 @@ async def test_a_persist_mode_change_is_logged_with_what_to_do_and_the_stream_ke
     publisher = await _publish(agent_nc, 300)
     assert publisher.counters().confirmed == 300
     assert (await js.stream_info(EVENTS_STREAM)).state.messages == 300
+
+
+async def test_a_storage_change_is_reported_as_such_even_when_the_persist_mode_differs_too(agent_nc: NATS) -> None:
+    """File with async, then memory (which cannot be async): the server's storage refusal is the
+    reason given, not a persist mode to ask for again."""
+    js = agent_nc.jetstream()
+    await js.delete_stream(EVENTS_STREAM)
+    await ensure_stream(js, stream_config(persist="async"))
+    with pytest.raises(StreamConfigError, match="storage") as refused:
+        await ensure_stream(js, stream_config(storage="memory"))
+    assert not isinstance(refused.value, PersistModeMismatch)
+
+
+def test_persist_modes_are_known_from_nats_server_2_12() -> None:
+    assert not server_has_persist_modes("2.11.11")
+    assert not server_has_persist_modes("2.10.29")
+    assert server_has_persist_modes("2.12.0")
+    assert server_has_persist_modes("2.15.1")
+    assert server_has_persist_modes("3.0.0")
+    assert server_has_persist_modes("0.0.0")  # nats-py's "unknown": the server's answer tells
+    assert server_has_persist_modes("")
 
 
 async def test_a_refusal_by_the_server_is_a_stream_config_error_with_its_reason(agent_nc: NATS) -> None:
@@ -115,7 +182,7 @@ async def test_with_default_persistence_an_acknowledged_event_survives_sigkill(t
     async with EmbeddedNats(state, port=0) as server:
         nc = await nats.connect(server.credentials["agent"].url_with_auth(), allow_reconnect=False)
         try:
-            await open_event_stream(nc.jetstream(), load_config(None, environ={}))
+            await open_event_stream(nc, load_config(None, environ={}))
             publisher = await _publish(nc, n)
             assert publisher.counters().confirmed == n
             assert server._process is not None
@@ -128,3 +195,26 @@ async def test_with_default_persistence_an_acknowledged_event_survives_sigkill(t
             assert (await nc.jetstream().stream_info(EVENTS_STREAM)).state.messages == n
         finally:
             await nc.close()
+
+
+async def test_an_older_server_gets_the_default_at_every_start_and_is_never_asked_to_recreate(
+    old_nats_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nats-server 2.11 has no persist modes: async is logged as ignored at each start, the
+    stream is made and then updated without it, and it stores every event."""
+    nc = await nats.connect(old_nats_url)
+    try:
+        config = load_config(None, environ={"TOOL_EVENT_STREAM_PERSIST": "async"})
+        for _start in range(2):
+            capsys.readouterr()
+            await open_event_stream(nc, config)
+            logged = capsys.readouterr().out
+            assert "event_stream_persist_ignored" in logged and "2.11.11" in logged
+            assert "event_stream_not_configured" not in logged
+        js = nc.jetstream()
+        assert (await js.stream_info(EVENTS_STREAM)).config.persist_mode is None
+        publisher = await _publish(nc, 200)
+        assert publisher.counters().confirmed == 200
+        assert (await js.stream_info(EVENTS_STREAM)).state.messages == 200
+    finally:
+        await nc.close()
