@@ -1,7 +1,8 @@
 """Benchmark: the whole pipeline, kernel to an independent NATS subscriber, and the agent's CPU and memory.
 
 Usage (root): python benchmarks/bench_pipeline.py [--storm N] [--procs P] [--rates 1000,20000] [--seconds S]
-                                                  [--event-stream file|memory|none] [--agent-cpu N] [--sustain S]
+                                                  [--event-stream file|memory|none] [--persist default|async]
+                                                  [--agent-cpu N] [--sustain S] [--sustain-rate R]
 
 1. Throughput under a connection storm: P processes in a scratch cgroup send N UDP datagrams each
    to distinct ports (flow folding off, so every datagram is a decision and an event). A separate
@@ -19,7 +20,8 @@ Usage (root): python benchmarks/bench_pipeline.py [--storm N] [--procs P] [--rat
 
 --agent-cpu N gives the agent CPU N alone: the agent (all its threads) runs only there, and
 nats-server, the subscriber, the producer and the senders only on the other CPUs. End to end is
-then "on one core" literally: the agent cannot borrow the others' CPU, nor they its.
+then "on one core" literally: the agent cannot borrow the others' CPU, nor they its. (A child
+the agent starts later, such as a restarted nats-server, would share the agent's CPU.)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,7 +110,8 @@ while True:
         break
     buf += data
     parse(time.monotonic())
-print(json.dumps({"received": n, "seconds": (last - first) if first else 0.0, "procs": procs}), flush=True)
+print(json.dumps({"received": n, "seconds": (last - first) if first else 0.0, "first": first, "last": last,
+                  "procs": procs}), flush=True)
 """
 
 SENDER = r"""
@@ -202,14 +206,18 @@ def children(pid: int) -> list[int]:
 
 
 def pin_tree(pid: int, cpus: set[int]) -> list[str]:
-    """Put every thread of ``pid``'s children (and theirs) on ``cpus``; their names."""
+    """Put every thread of ``pid``'s children (and theirs) on ``cpus``; their names.
+
+    Only the children there now: one the agent starts later inherits the agent's CPU.
+    """
     names = []
     for child in children(pid):
-        for tid in os.listdir(f"/proc/{child}/task"):
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(int(tid), cpus)
-        names.append(Path(f"/proc/{child}/comm").read_text().strip())
-        names += pin_tree(child, cpus)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it exited meanwhile
+            for tid in os.listdir(f"/proc/{child}/task"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(int(tid), cpus)
+            names.append(Path(f"/proc/{child}/comm").read_text().strip())
+            names += pin_tree(child, cpus)
     return names
 
 
@@ -262,14 +270,15 @@ def wait_idle(state: Path) -> None:
 OTHERS: set[int] | None = None  # with --agent-cpu: the CPUs of everything but the agent
 
 
-def start_subscriber(state: Path, expect: int, which: str) -> subprocess.Popen[str]:
+def start_subscriber(state: Path, expect: int, which: str, timeout_s: float = 120.0) -> subprocess.Popen[str]:
     """An independent subscriber process, returned once its subscription is in place.
 
     Args:
         which: "storm" counts only the storm's destination ports; "all" counts every connection event.
+        timeout_s: it stops counting after this long, whatever has arrived.
     """
     sub = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(expect), "120", which],
+        [sys.executable, "-c", SUBSCRIBER, consumer_url(state), str(expect), str(timeout_s), which],
         stdout=subprocess.PIPE, text=True, preexec_fn=pin(OTHERS),
     )  # fmt: skip
     assert sub.stdout is not None and sub.stdout.readline().strip() == "ready"
@@ -323,6 +332,37 @@ def storm(state: Path, cgroup_path: str, procs: int, per_proc: int) -> dict[str,
     }
 
 
+class CpuSampler:
+    """The agent's CPU time, sampled every 10 ms (the kernel counts it in ticks of 10 ms) in a
+    thread, so that the share of a core it used can be taken over the window in which the
+    subscriber received events (CLOCK_MONOTONIC is the same clock in every process)."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), agent_cpu_seconds(self._pid)))
+            self._stop.wait(0.01)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def at(self, t: float) -> float:
+        """CPU seconds at time ``t`` (the sample before it)."""
+        before = [cpu for when, cpu in self.samples if when <= t]
+        return before[-1] if before else self.samples[0][1]
+
+    def share(self, start: float, end: float) -> float:
+        """Percent of one core used from ``start`` to ``end``."""
+        return 100 * (self.at(end) - self.at(start)) / max(end - start, 1e-9)
+
+
 def synthetic(
     state: Path, producer: subprocess.Popen[str], calls: int, burst: int, agent_pid: int, interval: float = 0.0
 ) -> dict[str, float]:
@@ -331,10 +371,11 @@ def synthetic(
     total = calls * burst
     wait_idle(state)
     before = kernel_counters(state)
-    sub = start_subscriber(state, total, "all")
+    sub = start_subscriber(state, total, "all", timeout_s=max(120.0, 2 * calls * interval + 60))
     assert sub.stdout is not None and producer.stdin is not None and producer.stdout is not None
     t0 = time.monotonic()
     cpu0 = agent_cpu_seconds(agent_pid)
+    sampler = CpuSampler(agent_pid)
     producer.stdin.write(f"{calls} {interval}\n")
     producer.stdin.flush()
     assert producer.stdout.readline().strip() == "done"
@@ -342,10 +383,12 @@ def synthetic(
     result = json.loads(sub.stdout.readline())
     sub.wait()
     busy = agent_cpu_seconds(agent_pid) - cpu0
+    sampler.stop()
     after = kernel_counters(state)
     lost = after["ring_buffer_full"] - before["ring_buffer_full"]
     return {
-        "agent_cpu_percent": 100 * busy / max(result["seconds"], 1e-9),
+        # while events arrived: from the subscriber's first event to its last
+        "agent_cpu_percent": sampler.share(result["first"], result["last"]) if result["first"] else 0.0,
         "agent_us_per_event": 1e6 * busy / max(result["received"], 1),
         "produced": total,
         "received": result["received"],
@@ -420,6 +463,10 @@ def main() -> int:
         if args.agent_cpu not in online or len(online) < 2:
             raise SystemExit(f"--agent-cpu {args.agent_cpu}: needs one of {sorted(online)}, and another CPU left")
         agent_cpus, OTHERS = {args.agent_cpu}, online - {args.agent_cpu}
+    if args.persist == "async" and args.event_stream != "file":
+        ap.error("--persist async needs --event-stream file")
+    if args.sustain_rate <= 0:
+        ap.error("--sustain-rate must be above 0")
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark attaches the sensors to a scratch cgroup")
 
@@ -436,9 +483,10 @@ def main() -> int:
         )
         if agent_cpus is not None and OTHERS is not None:
             moved = pin_tree(proc.pid, OTHERS)
+            os.sched_setaffinity(0, OTHERS)  # this script and what it starts from now on (stats calls)
             print(
                 f"agent alone on CPU {args.agent_cpu}; on CPUs {sorted(OTHERS)}: {', '.join(moved) or 'nothing'}, "
-                "the subscriber, the producer and the senders"
+                "this script, the subscriber, the producer and the senders"
             )
         try:
             print("## CPU and RSS of the agent (2-core machine; one core = 100%)")
@@ -476,7 +524,7 @@ def main() -> int:
             print(f"subscriber received {y['received']:>9.0f} events    at {y['pipeline_rate']:>9.0f}/s end to end")
             print(f"ring buffer full    {y['ring_buffer_full']:>9.0f} (counted by the kernel, reported as loss)")
             print(f"unaccounted         {max(r['unaccounted'] for r in rounds):>9} (the largest of the rounds)")
-            print(f"agent cpu           {y['agent_cpu_percent']:>8.0f}% of one core while draining")
+            print(f"agent cpu           {y['agent_cpu_percent']:>8.0f}% of one core while events arrived")
             per_core = 1e6 / y["agent_us_per_event"]
             print(f"agent cpu per event {y['agent_us_per_event']:>8.2f} us = {per_core:.0f} events/s per agent core")
             unaccounted = [s["unaccounted"]] + [r["unaccounted"] for r in rounds]
@@ -491,7 +539,7 @@ def main() -> int:
                 print(f"subscriber received {z['received']:>9.0f} events    at {z['pipeline_rate']:>9.0f}/s end to end")
                 print(f"ring buffer full    {z['ring_buffer_full']:>9.0f} (counted by the kernel, reported as loss)")
                 print(f"unaccounted         {z['unaccounted']:>9.0f}")
-                print(f"agent cpu           {z['agent_cpu_percent']:>8.0f}% of one core while draining")
+                print(f"agent cpu           {z['agent_cpu_percent']:>8.0f}% of one core while events arrived")
                 print(
                     f"agent cpu per event {z['agent_us_per_event']:>8.2f} us = "
                     f"{1e6 / z['agent_us_per_event']:.0f} events/s per agent core"
