@@ -14,7 +14,9 @@ Setup: one scratch cgroup per configuration:
   * ``hooks``: do-nothing programs (``return 1``, loaded with the raw bpf(2) syscall) on every
     cgroup hook the sensors attach. This is the floor: what the kernel charges for running a
     program at these hooks at all. The report compares each ``on`` configuration with it too,
-    which separates the sensors' own work from the hooks' cost.
+    which separates the sensors' own work from the hooks' cost. (The sensors' tracepoints are
+    host-wide, so they run in every configuration, ``off`` and ``hooks`` included: in
+    ``socket()`` and process start and exit, outside the timed ``connect()``.)
   * ``cmp@<ms>`` with ``--compare-object``: the same as ``on@<ms>`` with another build of
     sensors.bpf.o, compared with ``--object``'s in the same run (a before/after without two runs).
 
@@ -35,8 +37,9 @@ configuration whose listener is made in the ``off`` cgroup: only the client side
 ``--object`` loads another build of sensors.bpf.o (for instance an older commit's, from
 ``git show REV:loaders/objects/sensors.bpf.o``) to compare before and after with this benchmark.
 
-Then, with ``kernel.bpf_stats_enabled=1``, the programs' own time is read for every ``on``
-configuration (``/client`` ones too): ``--stats-cycles`` short children, one block each, with
+Then, with ``kernel.bpf_stats_enabled=1``, the programs' own time is read for every hooked
+configuration (``on``, ``cmp``, ``hooks``, and their ``/client`` ones; a ``hooks`` row names
+the do-nothing program by the sensor whose hook it sits on): ``--stats-cycles`` short children, one block each, with
 ``run_time_ns`` and ``run_cnt`` (``bpftool prog show -j``) read before and after every block. For
 each block this gives the programs' time per connection; the median and range over the blocks are
 printed as a share of the ``off`` connect() time (the connect-path programs: connect4, ingress,
@@ -288,8 +291,11 @@ class NoopHooks:
             os.close(cgroup_fd)
 
     def _bpf(self, cmd: int, attr: bytes) -> int:
+        machine = os.uname().machine
+        if machine not in SYS_BPF:
+            raise SystemExit(f"the do-nothing hooks need bpf(2)'s syscall number on {machine}: add it to SYS_BPF")
         buf = ctypes.create_string_buffer(attr.ljust(128, b"\0"), 128)
-        fd = self._libc.syscall(SYS_BPF[os.uname().machine], cmd, buf, 128)
+        fd = self._libc.syscall(SYS_BPF[machine], cmd, buf, 128)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"bpf({cmd}) for the do-nothing hooks: {os.strerror(err)}")

@@ -252,7 +252,7 @@ class Encoded:
     ``pieces`` joined are the commands, back to back: the publisher (:mod:`pipeline.bus.publish`)
     sends a batch as one write, and takes it apart again (:meth:`events`) only on its rare
     paths (an event over the server's payload limit, message-id headers). Every event is three
-    pieces (the score stage's: subject line, size line, payload with its CRLF; :meth:`add`'s:
+    pieces (the score stage's: ``PUB <subject> ``, ``<size>\\r\\n``, payload with its CRLF; :meth:`add`'s:
     command line, payload, CRLF), none longer than the payload it carries plus its command line:
     the publisher finds the last command from the last three.
     """

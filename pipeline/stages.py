@@ -62,7 +62,7 @@ class GapTracker:
     expected: dict[int, int] = field(default_factory=dict)
     # Per CPU, the sequence number from which in-order records go through see() again: the
     # oldest open hole settles there (NO_HOLE while none is open). Until then the hot path
-    # (hotpath.drain) takes in-order records with one comparison, also while holes are open:
+    # (hotpath.drain) takes in-order records without a call, also while holes are open:
     # under overload nearly every drain opens one, and a call per record for the next
     # ``settle`` records once cost the agent more than enrich and match together.
     due: dict[int, int] = field(default_factory=dict)

@@ -219,11 +219,7 @@ class Publisher:
         pieces = batch.pieces
         max_payload = self._nc.max_payload or math.inf
         if not self._msg_id_header and (not pieces or max(map(len, pieces)) <= max_payload):
-            data = b"".join(pieces)
-            # Every event is three pieces (hotpath.Encoded): the last three are a hint of where
-            # the last command starts, checked in _ask_for_ack before it is used.
-            last = len(data) - sum(map(len, pieces[-3:])) if len(pieces) == 3 * batch.count else -1
-            return _Frames(data, batch.count, batch.payload_bytes, last)
+            return _joined(batch)
         return self._frame_each(batch, max_payload)
 
     def _frame_each(self, batch: Encoded, max_payload: float) -> _Frames:
@@ -413,6 +409,18 @@ class Publisher:
         await nc._send_command(batch.data)
         if nc._flush_queue is not None and nc._flush_queue.empty():
             await nc._flush_pending()
+
+
+def _joined(batch: Encoded) -> _Frames:
+    """The batch's commands as one bytes object, and a hint of where the last one starts.
+
+    Every event is three pieces (hotpath.Encoded), so the last three give the hint; it is
+    checked (:func:`_is_last_command`) before it is used.
+    """
+    pieces = batch.pieces
+    data = b"".join(pieces)
+    last = len(data) - sum(map(len, pieces[-3:])) if len(pieces) == 3 * batch.count else -1
+    return _Frames(data, batch.count, batch.payload_bytes, last)
 
 
 def _is_last_command(data: bytes, start: int) -> bool:
