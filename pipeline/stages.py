@@ -54,14 +54,15 @@ class GapTracker:
     """Per-CPU kernel sequence numbers: holes are records lost between kernel and user space.
 
     Records of one CPU can arrive slightly out of order (a softirq can interleave
-    with a program on the same CPU), so a hole is only counted as lost once it
-    is older than ``settle`` further records.
+    with a program on the same CPU), so a hole is only counted as lost once all of it
+    is older than ``settle`` further sequence numbers; a late record that arrives
+    before then is not lost. A jump over more than ``settle`` is counted at once.
     """
 
     settle: int = 4096
     expected: dict[int, int] = field(default_factory=dict)
     # Per CPU, the sequence number from which in-order records go through see() again: the
-    # oldest open hole settles there (NO_HOLE while none is open). Until then the hot path
+    # oldest open hole settles with it (NO_HOLE while none is open). Until then the hot path
     # (hotpath.drain) takes in-order records without a call, also while holes are open:
     # under overload nearly every drain opens one, and a call per record for the next
     # ``settle`` records once cost the agent more than enrich and match together.
@@ -95,17 +96,19 @@ class GapTracker:
         if ranges:
             self._settle(cpu, ranges, self.expected[cpu] - self.settle)
         ranges = self.opened.get(cpu)
-        self.due[cpu] = ranges[0][0] + self.settle if ranges else NO_HOLE
+        # The record that makes expected reach end + settle settles the oldest hole.
+        self.due[cpu] = ranges[0][1] + self.settle - 1 if ranges else NO_HOLE
 
     def _settle(self, cpu: int, ranges: deque[tuple[int, int]], limit: int) -> None:
-        """Count the holes of ``cpu`` older than ``limit`` as lost."""
-        while ranges and ranges[0][0] < limit:
+        """Count the holes of ``cpu`` that end at or before ``limit`` as lost, each whole.
+
+        Whole holes, not the part of one older than ``limit``: under overload a hole is
+        thousands of records wide, and settling it a record at a time took every record of the
+        CPU through the slow path until it was gone.
+        """
+        while ranges and ranges[0][1] <= limit:
             start, end = ranges.popleft()
-            stop = min(end, limit)
-            self.lost += stop - start - self._take_filled(cpu, start, stop)
-            if stop < end:
-                ranges.appendleft((stop, end))
-                return
+            self.lost += end - start - self._take_filled(cpu, start, end)
         if not ranges:
             del self.opened[cpu]
             self.filled.pop(cpu, None)

@@ -222,34 +222,36 @@ def kernel_streams(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int]:
 
 
 class LossModel:
-    """The tracker's rule, written plainly: a missing record is lost once ``settle`` newer
-    sequence numbers have arrived on its CPU, a jump over more than ``settle`` is lost at once,
-    and a late record that arrives before its hole settles is not lost."""
+    """The tracker's rule, written plainly: a hole (the records missing when a later one arrives)
+    is lost once all of it is older than ``settle`` sequence numbers on its CPU, less the late
+    records that arrived before then; a jump over more than ``settle`` is lost at once."""
 
     def __init__(self, settle: int) -> None:
         self.settle = settle
         self.expected: dict[int, int] = {}
-        self.missing: dict[int, set[int]] = {}
+        self.holes: dict[int, list[tuple[int, int, set[int]]]] = {}  # start, end, late arrivals
         self.lost = 0
 
     def see(self, cpu: int, seq: int) -> None:
         exp = self.expected.get(cpu)
-        missing = self.missing.setdefault(cpu, set())
+        holes = self.holes.setdefault(cpu, [])
         if exp is None or seq >= exp:
             if exp is not None and seq - exp > self.settle:
                 self.lost += seq - exp
-            elif exp is not None:
-                missing.update(range(exp, seq))
+            elif exp is not None and seq > exp:
+                holes.append((exp, seq, set()))
             self.expected[cpu] = seq + 1
         else:
-            missing.discard(seq)
-        settled = {s for s in missing if s < self.expected[cpu] - self.settle}
-        self.lost += len(settled)
-        missing -= settled
+            for start, end, late in holes:
+                if start <= seq < end:
+                    late.add(seq)
+        for hole in [h for h in holes if h[1] <= self.expected[cpu] - self.settle]:
+            self.lost += hole[1] - hole[0] - len(hole[2])
+            holes.remove(hole)
 
     def settle_all(self) -> None:
-        self.lost += sum(map(len, self.missing.values()))
-        self.missing.clear()
+        self.lost += sum(end - start - len(late) for holes in self.holes.values() for start, end, late in holes)
+        self.holes.clear()
 
 
 @given(kernel_streams(), st.sampled_from([4, 8, 4096]), st.sets(st.integers(0, 200), max_size=3))
@@ -275,7 +277,7 @@ def test_hot_path_counts_sequence_gaps_as_the_tracker_does(
             assert tracker.lost == model.lost
         # The inline path's threshold: where the oldest open hole settles, or nothing is due.
         for c, ranges in tracker.opened.items():
-            assert tracker.due[c] == ranges[0][0] + settle
+            assert tracker.due[c] == ranges[0][1] + settle - 1
         assert all(tracker.due[c] == NO_HOLE for c in tracker.expected if c not in tracker.opened)
     tracker.settle_all()
     model.settle_all()
