@@ -6,6 +6,7 @@ SIGINT (drain, then stop) while SIGHUP reloads the policy.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -215,7 +216,17 @@ class Agent:
                     graph.start_soon(score_stage, mat_recv, ev_send, baseline, event_encoder, builder, self.stats)
                     graph.start_soon(match_stage, enr_recv, mat_send, self.runtime.describe, self.stats)
                     graph.start_soon(enrich_stage, dec_recv, enr_send, enricher, self.stats)
-                    await graph.start(ring_stage, self.sensors.maps["events"], dec_send, self._stop, self.stats)
+                    ring_drained = anyio.Event()
+                    await graph.start(
+                        functools.partial(
+                            ring_stage,
+                            self.sensors.maps["events"],
+                            dec_send,
+                            self._stop,
+                            self.stats,
+                            drained=ring_drained,
+                        )
+                    )
 
                     async with anyio.create_task_group() as control:
                         control.start_soon(self._signals)
@@ -230,7 +241,9 @@ class Agent:
                         await self._stop.wait()
                         control.cancel_scope.cancel()
                     # Drain: the source empties the ring buffer and closes its stream; each stage
-                    # finishes when its input ends; the publisher confirms everything.
+                    # finishes when its input ends; the publisher confirms everything. The final
+                    # loss report counts what the drain saw too, so it waits for the drain.
+                    await ring_drained.wait()
                     await self._report_loss(final=True)
                     await self._send_event.aclose()
                 log.info(

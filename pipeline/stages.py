@@ -122,7 +122,7 @@ class GapTracker:
         return len(late)
 
     def settle_all(self) -> None:
-        """Count every open hole as lost (at shutdown, or when the stream has been quiet)."""
+        """Count every open hole as lost (at shutdown, once the ring is drained)."""
         for cpu, ranges in self.opened.items():
             self.lost += sum(end - start for start, end in ranges) - len(self.filled.get(cpu, ()))
         self.opened.clear()
@@ -224,6 +224,7 @@ async def ring_stage(
     stats: PipelineStats,
     *,
     reader: Literal["auto", "mmap", "libbpf"] = "auto",
+    drained: anyio.Event | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Source and decode: take records from the ring buffer whenever it is readable.
@@ -234,7 +235,9 @@ async def ring_stage(
 
     Hands on at most MAX_BATCH records at a time: with bounded streams downstream, a backlog
     stays in the kernel's ring buffer (where overflow is counted), not in this process's memory.
-    After ``stop`` is set, drains what is left, then closes ``send`` (which ends the graph).
+    After ``stop`` is set, drains what is left, then closes ``send`` (which ends the graph) and
+    sets ``drained``: from then on every record the stage will ever take has been counted,
+    gaps included, so a final loss report waits for it.
     """
     errors = hot.DecodeErrors(log.error)
     mmap = reader == "mmap" or (reader == "auto" and MMAP_READER_SAFE)
@@ -278,6 +281,8 @@ async def ring_stage(
                     break
     finally:
         source.close()
+        if drained is not None:
+            drained.set()
 
 
 @dataclass(slots=True)

@@ -209,3 +209,49 @@ def test_ring_stage_accounts_for_every_record_with_either_reader(reader: str) ->
     span = sum(max(s) - min(s) + 1 for s in seqs.values())
     assert stats.gaps.lost == span - len(got)
     assert 0 < stats.gaps.lost <= full
+
+
+def test_ring_stage_says_drained_only_once_every_waiting_record_is_taken() -> None:
+    """The agent's final loss report waits for ``drained``: records already in the ring when stop
+    is set are all taken (and their gaps seen) by then."""
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+    assert producer.stdin is not None and producer.stdout is not None
+    assert producer.stdout.readline().strip() == "ready"
+    stats = PipelineStats()
+    seen_when_drained: list[int] = []
+
+    async def run(sensors: Sensors) -> None:
+        stop, drained = anyio.Event(), anyio.Event()
+        stop.set()  # the records below are all waiting when the stage starts: only the drain takes them
+        send, receive = anyio.create_memory_object_stream[Batch](1)
+        async with anyio.create_task_group() as tg:
+
+            async def collect() -> None:
+                async with receive:
+                    async for _batch in receive:
+                        await anyio.sleep(0.01)  # a slow consumer: the drain takes several turns
+
+            async def watch() -> None:
+                await drained.wait()
+                seen_when_drained.append(stats.records)
+
+            tg.start_soon(collect)
+            tg.start_soon(watch)
+            await tg.start(lambda task_status: ring_stage(
+                sensors.maps["events"], send, stop, stats, drained=drained, task_status=task_status))  # type: ignore[arg-type]  # fmt: skip
+
+    try:
+        with (
+            cgroup.scratch_cgroup("tooltest-ring") as path,
+            Sensors.load(path, ringbuf_bytes=1 << 22, bench_tgid=producer.pid, bench_burst=512) as sensors,
+        ):  # fmt: skip
+            for _ in range(8):  # 4096 records, all held by the ring
+                producer.stdin.write("1\n")
+                producer.stdin.flush()
+                assert producer.stdout.readline().strip() == "done"
+            assert sensors.counters()["ring_buffer_full"] == 0
+            anyio.run(run, sensors)
+    finally:
+        producer.kill()
+    assert seen_when_drained == [8 * 512]
