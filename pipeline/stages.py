@@ -94,8 +94,7 @@ class GapTracker:
                 self.filled.setdefault(cpu, set()).add(seq)
         ranges = self.opened.get(cpu)
         if ranges:
-            self._settle(cpu, ranges, self.expected[cpu] - self.settle)
-        ranges = self.opened.get(cpu)
+            self._settle(cpu, ranges, self.expected[cpu] - self.settle)  # pops from ranges itself
         # The record that makes expected reach end + settle settles the oldest hole.
         self.due[cpu] = ranges[0][1] + self.settle - 1 if ranges else NO_HOLE
 
