@@ -380,6 +380,9 @@ def main() -> None:
         help="also measure each 'on' configuration with the listener outside the cgroup",
     )
     args = ap.parse_args()
+    for option, path in (("--object", args.object), ("--compare-object", args.compare_object)):
+        if path is not None and not path.is_file():
+            ap.error(f"{option} {path}: no such file (a sensors.bpf.o build)")
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     intervals = [int(x) for x in args.flow_intervals.split(",")]
 
